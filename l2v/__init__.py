@@ -1,0 +1,1 @@
+"""l2v: LLM2Vec in plain PyTorch. See README.md for the layout."""

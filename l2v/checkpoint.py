@@ -1,0 +1,148 @@
+"""HF model folder <-> `l2v.model.Transformer`, with `safetensors` only (no transformers, no pickles).
+
+Our module names are HF's minus the leading `model.`, so the key map is one prefix. q/k weights load
+verbatim because `model.py` uses HF's `rotate_half` RoPE layout; HF's conversion script already
+applied its "permute for sliced rotary" to Meta's weights, and we must not undo it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .model import ModelConfig, Transformer
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """json.load with an error that names the file (and the line) instead of a bare JSONDecodeError."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+
+
+def load_config(folder: str | os.PathLike) -> ModelConfig:
+    path = Path(folder) / "config.json"
+    return ModelConfig.from_hf(read_json(path), source=str(path))
+
+
+def hf_key_to_l2v(key: str) -> str:
+    return key[len("model."):] if key.startswith("model.") else key
+
+
+def l2v_key_to_hf(key: str) -> str:
+    return key if key.startswith("lm_head.") else "model." + key
+
+
+def weight_files(folder: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a folder: one `model.safetensors` or the shards of an index."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: no 'weight_map' object")
+        files = [folder / name for name in dict.fromkeys(weight_map.values())]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index}: shard file(s) missing from {folder}: {', '.join(missing)}")
+        return files
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pth")):
+        raise ValueError(f"{folder}: only pickle weights (.bin/.pth) found; l2v loads safetensors only "
+                         "(convert with `safetensors` once, in an environment you trust)")
+    raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+
+
+def load_model(folder: str | os.PathLike, dtype="float32", device="cpu", is_causal: bool | None = None,
+               attention_dropout: float | None = None) -> Transformer:
+    """Build on `meta`, then assign tensors read shard by shard: peak memory ~ one copy of weights."""
+    folder = Path(folder)
+    dtype = resolve_dtype(dtype)
+    cfg = load_config(folder)
+    if is_causal is not None:
+        cfg.is_causal = is_causal
+    if attention_dropout is not None:
+        cfg.attention_dropout = attention_dropout
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = model.state_dict()
+    state, origin = {}, {}
+    for path in weight_files(folder):
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for hf_key in f.keys():
+                key = hf_key_to_l2v(hf_key)
+                if key == "lm_head.weight" and cfg.tie_word_embeddings:
+                    continue  # some tied checkpoints store a redundant copy of the embedding
+                if key in state:
+                    raise ValueError(f"{path}: tensor {hf_key!r} also in {origin[key]}")
+                t = f.get_tensor(hf_key)
+                if key in expected and t.shape != expected[key].shape:
+                    raise ValueError(f"{path}: tensor {hf_key!r} has shape {tuple(t.shape)}, "
+                                     f"config.json implies {tuple(expected[key].shape)}")
+                state[key] = t.to(device=device, dtype=dtype)
+                origin[key] = path.name
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        def show(keys):
+            return ", ".join(l2v_key_to_hf(k) for k in keys[:20]) + (" ..." if len(keys) > 20 else "")
+        raise ValueError(f"{folder}: weights do not match config.json: "
+                         f"{len(missing)} missing [{show(missing)}]; {len(unexpected)} unexpected [{show(unexpected)}]")
+    model.load_state_dict(state, strict=True, assign=True)
+    model.inv_freq = model.inv_freq.to(device)
+    return model.eval()
+
+
+def save_model(model: Transformer, folder: str | os.PathLike, dtype=None, max_shard_bytes: int | None = None) -> Path:
+    """Write config.json + safetensors (sharded with an index if `max_shard_bytes` is set) in HF layout."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    dtype = resolve_dtype(dtype) if dtype is not None else None
+    tensors = {l2v_key_to_hf(k): (v.to(dtype) if dtype else v).detach().contiguous().cpu()
+               for k, v in model.state_dict().items()}
+    hf = model.config.to_hf()
+    hf["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    with open(folder / "config.json", "w") as f:
+        json.dump(hf, f, indent=2)
+    if max_shard_bytes is None:
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        return folder
+    shards, size = [{}], 0
+    for k, v in tensors.items():
+        n = v.numel() * v.element_size()
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += n
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, folder / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(v.numel() * v.element_size() for v in tensors.values())
+    with open(folder / "model.safetensors.index.json", "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return folder

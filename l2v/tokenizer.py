@@ -1,0 +1,82 @@
+"""A thin wrapper over `tokenizers.Tokenizer` that reads an HF folder's tokenizer files."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer as HFTokenizer
+
+from .checkpoint import read_json
+
+
+def _content(tok) -> str | None:
+    # special_tokens_map / tokenizer_config store a token as a string or as {"content": ...}.
+    return tok.get("content") if isinstance(tok, dict) else tok
+
+
+class Tokenizer:
+    def __init__(self, folder: str | os.PathLike):
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: file not found (l2v needs a fast-tokenizer tokenizer.json)")
+        try:
+            self.tok = HFTokenizer.from_file(str(path))
+        except Exception as e:
+            raise ValueError(f"{path}: cannot be read by `tokenizers`: {e}") from None
+        self.tok.no_truncation()
+        self.tok.no_padding()
+        cfg = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+        smap = read_json(folder / "special_tokens_map.json") if (folder / "special_tokens_map.json").is_file() else {}
+        names = {}
+        for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            names[name] = _content(smap.get(name)) or _content(cfg.get(name))
+        self.bos_token, self.eos_token = names["bos_token"], names["eos_token"]
+        self.bos_id, self.eos_id = self.token_id(self.bos_token), self.token_id(self.eos_token)
+        self.unk_id = self.token_id(names["unk_token"])
+        # No pad token (Llama, Mistral): pad with EOS, as upstream llm2vec does. Pads are masked anyway.
+        self.pad_id = self.token_id(names["pad_token"])
+        if self.pad_id is None:
+            self.pad_id = self.eos_id if self.eos_id is not None else 0
+        # Whether BOS is prepended is decided by tokenizer.json's post-processor; we report it.
+        probe = self.tok.encode("a").ids
+        self.adds_bos = self.bos_id is not None and len(probe) > 0 and probe[0] == self.bos_id
+        added = self.tok.get_added_tokens_decoder()  # {id: AddedToken}
+        self.special_ids = sorted({i for i, t in added.items() if t.special} |
+                                  {i for i in (self.bos_id, self.eos_id, self.pad_id, self.unk_id) if i is not None})
+        self.chat_template = cfg.get("chat_template")
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+
+    def token_id(self, token: str | None) -> int | None:
+        return None if token is None else self.tok.token_to_id(token)
+
+    def encode(self, text: str, add_special_tokens: bool = True, max_length: int | None = None) -> list[int]:
+        ids = self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+        return ids[:max_length] if max_length is not None else ids
+
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True,
+                     max_length: int | None = None) -> list[list[int]]:
+        out = self.tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        return [e.ids[:max_length] if max_length is not None else e.ids for e in out]
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def pad(self, batch: list[list[int]], side: str = "right", pad_to: int | None = None):
+        """Pad id lists to one length. Returns input_ids (B, T) and attention_mask (B, T) int64 tensors."""
+        T = max([len(x) for x in batch] + [pad_to or 0])
+        ids = torch.full((len(batch), T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), T), dtype=torch.long)
+        for i, x in enumerate(batch):
+            sl = slice(0, len(x)) if side == "right" else slice(T - len(x), T)
+            ids[i, sl] = torch.tensor(x, dtype=torch.long)
+            mask[i, sl] = 1
+        return ids, mask
+
+    def __call__(self, texts: list[str], max_length: int | None = None, add_special_tokens: bool = True,
+                 side: str = "right"):
+        return self.pad(self.encode_batch(texts, add_special_tokens, max_length), side=side)
+
+    def __len__(self) -> int:
+        return self.vocab_size

@@ -1,0 +1,256 @@
+"""Hand-written LoRA (Hu et al. 2021) for `l2v.model.Transformer`, saved and loaded in PEFT's format.
+
+    y = x W^T + b + scaling * B(A(dropout(x)))     A: (r, in) kaiming-uniform, B: (out, r) zeros
+
+`LoRALinear` keeps the frozen `weight`/`bias` under their own names, so base checkpoint keys are
+unchanged (torchtune), adds `lora_A`/`lora_B` as `nn.Linear`s (the PEFT/loralib key names), and merges
+only on an explicit `merge()` call (loralib merges as a side effect of `.eval()`; we don't).
+
+On disk an adapter is PEFT's folder: `adapter_config.json` + `adapter_model.safetensors` with keys
+`base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`. Our module paths equal HF's
+`LlamaModel` ones, which is what llm2vec (and the published McGill-NLP adapters) wrap.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .checkpoint import read_json
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PREFIX = "base_model.model."
+# Config options that change what the adapter computes and that we do not implement: refuse, never ignore.
+UNSUPPORTED = ("use_dora", "fan_in_fan_out", "lora_bias", "modules_to_save", "target_parameters",
+               "trainable_token_indices", "layer_replication", "alora_invocation_tokens", "use_qalora")
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.weight = base.weight  # the same Parameter objects: keys and storage unchanged
+        self.bias = base.bias
+        # LoRA weights are float32 even on a bf16 base: small updates to low-precision weights get lost.
+        kw = dict(bias=False, device=base.weight.device, dtype=torch.float32)
+        self.lora_A = nn.Linear(self.in_features, r, **kw)
+        self.lora_B = nn.Linear(r, self.out_features, **kw)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # microsoft/LoRA's init
+        nn.init.zeros_(self.lora_B.weight)  # so the adapted model starts equal to the base
+        self.dropout = nn.Dropout(dropout)
+        self.merged = False
+        self.train(base.training)  # a new module defaults to training mode: follow the model's mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return out
+        # Compute in the input's dtype (bf16 under autocast); `.to` keeps the grads flowing to fp32.
+        a, b = self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)
+        return out + self.scaling * F.linear(F.linear(self.dropout(x), a), b)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B @ A, (out, in), in float32."""
+        return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        # On a bf16 base, merge() then unmerge() only restores the weight up to bf16 rounding.
+        if not self.merged:
+            self.weight.copy_(self.weight.float() + self.delta_weight())
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.weight.copy_(self.weight.float() - self.delta_weight())
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}")
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, module)
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable LoRA weights, for the optimizer."""
+    return [p for m in lora_modules(model).values() for p in (m.lora_A.weight, m.lora_B.weight)]
+
+
+def freeze_all_but_lora(model: nn.Module) -> None:
+    keep = {id(p) for p in lora_parameters(model)}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+
+
+def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 0.05,
+             targets=DEFAULT_TARGETS, use_rslora: bool = False) -> list[str]:
+    """Swap every nn.Linear whose last name is in `targets` for a LoRALinear; freeze all the rest."""
+    if lora_modules(model):
+        raise ValueError("model already has LoRA modules: call merge_lora(model) before adding new ones")
+    paths = [n for n, m in model.named_modules()
+             if isinstance(m, nn.Linear) and n.rpartition(".")[2] in targets]
+    if not paths:
+        raise ValueError(f"add_lora: no nn.Linear named any of {tuple(targets)} in the model")
+    for path in paths:
+        _set_module(model, path, LoRALinear(model.get_submodule(path), r, alpha, dropout, use_rslora))
+    freeze_all_but_lora(model)
+    return paths
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Replace every LoRALinear by a plain nn.Linear holding W + scaling * B @ A (in place)."""
+    for path, m in lora_modules(model).items():
+        m.merge()
+        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        lin.weight, lin.bias = m.weight, m.bias  # reuse the merged Parameters, flags included
+        lin.train(m.training)
+        _set_module(model, path, lin)
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """LoRA weights under PEFT's saved key names."""
+    out = {}
+    for path, m in lora_modules(model).items():
+        out[f"{PREFIX}{path}.lora_A.weight"] = m.lora_A.weight.detach()
+        out[f"{PREFIX}{path}.lora_B.weight"] = m.lora_B.weight.detach()
+    return out
+
+
+def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model_name_or_path: str = "",
+                 extra_config: dict | None = None) -> Path:
+    """Write a PEFT LoRA folder that `peft.PeftModel.from_pretrained` and `load_adapter` both read."""
+    mods = lora_modules(model)
+    if not mods:
+        raise ValueError("save_adapter: the model has no LoRA modules")
+    if len({m.use_rslora for m in mods.values()}) > 1:
+        raise ValueError("save_adapter: mixing rsLoRA and plain LoRA modules cannot be saved in one config")
+    # The most common (r, alpha) goes in the config; other modules get exact-path patterns.
+    r, alpha = Counter((m.r, m.alpha) for m in mods.values()).most_common(1)[0][0]
+    rank_pattern = {re.escape(p): m.r for p, m in mods.items() if m.r != r}
+    alpha_pattern = {re.escape(p): m.alpha for p, m in mods.items() if m.alpha != alpha}
+    dropout = next(iter(mods.values())).dropout.p
+    config = dict(
+        peft_type="LORA", task_type=None, base_model_name_or_path=base_model_name_or_path, revision=None,
+        inference_mode=True, r=r, lora_alpha=alpha, lora_dropout=dropout,
+        target_modules=sorted({p.rpartition(".")[2] for p in mods}), exclude_modules=None,
+        fan_in_fan_out=False, bias="none", use_rslora=next(iter(mods.values())).use_rslora,
+        modules_to_save=None, init_lora_weights=True, layers_to_transform=None, layers_pattern=None,
+        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, use_dora=False, lora_bias=False,
+        layer_replication=None,
+    )
+    config.update(extra_config or {})
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "adapter_config.json", "w") as f:
+        json.dump(config, f, indent=2)
+    tensors = {k: v.float().contiguous().cpu() for k, v in lora_state_dict(model).items()}
+    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def _pattern_value(patterns: dict, path: str, default):
+    # PEFT's rule: a pattern matches a module whose path ends with it at a "." boundary.
+    for pat, value in (patterns or {}).items():
+        if any(re.fullmatch(rf"(?:.*\.)?(?:{pat})", p) for p in (path, "model." + path)):
+            return value
+    return default
+
+
+def read_adapter(folder: str | os.PathLike, model: nn.Module) -> tuple[dict, dict[str, dict]]:
+    """Read and check a PEFT LoRA folder against `model`: (config, {module path: {A, B, r, alpha, ...}})."""
+    folder = Path(folder)
+    cfg_path, weights_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    cfg = read_json(cfg_path)
+    if not isinstance(cfg, dict) or cfg.get("peft_type", "LORA") != "LORA":
+        kind = cfg.get("peft_type") if isinstance(cfg, dict) else type(cfg).__name__
+        raise ValueError(f"{cfg_path}: not a LoRA adapter config ({kind!r})")
+    bad = [k for k in UNSUPPORTED if cfg.get(k)]
+    if cfg.get("bias", "none") != "none":
+        bad.append(f"bias={cfg['bias']!r}")
+    if bad:
+        raise ValueError(f"{cfg_path}: unsupported LoRA option(s) {bad}; l2v implements plain LoRA and rsLoRA")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(cfg.get(key), (int, float)):
+            raise ValueError(f"{cfg_path}: missing or non-numeric {key!r}")
+    if not weights_path.is_file():
+        hint = " (only pickle adapter_model.bin found; l2v loads safetensors only)" \
+            if (folder / "adapter_model.bin").is_file() else ""
+        raise FileNotFoundError(f"{weights_path}: file not found{hint}")
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear))}
+    found, unexpected = {}, []
+    for key, t in load_file(weights_path).items():
+        # base_model.model.[model.]<path>.lora_<A|B>[.default].weight; `model.` when saved from *ForCausalLM.
+        m = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])(?:\.default)?\.weight", key)
+        path = m and (m[1] if m[1] in linears else m[1].removeprefix("model."))
+        if not m or path not in linears:
+            unexpected.append(key)
+            continue
+        if m[2] in found.setdefault(path, {}):
+            raise ValueError(f"{weights_path}: two tensors map to {path}.lora_{m[2]} (second: {key!r})")
+        found[path][m[2]] = t
+    if unexpected:
+        raise ValueError(f"{weights_path}: {len(unexpected)} key(s) match no linear layer of the model: "
+                         + ", ".join(unexpected[:10]) + (" ..." if len(unexpected) > 10 else ""))
+    half = sorted(p for p, d in found.items() if "A" not in d or "B" not in d)
+    if half:
+        raise ValueError(f"{weights_path}: module(s) with only one of lora_A/lora_B: {', '.join(half[:10])}")
+    if not found:
+        raise ValueError(f"{weights_path}: no LoRA tensors")
+    already = sorted(p for p in found if isinstance(linears[p], LoRALinear))
+    if already:
+        raise ValueError(f"{weights_path}: model already has LoRA on {already[:5]}; merge_lora(model) first")
+    for path, d in found.items():
+        lin, A, B = linears[path], d["A"], d["B"]
+        d["r"] = _pattern_value(cfg.get("rank_pattern"), path, cfg["r"])
+        d["alpha"] = _pattern_value(cfg.get("alpha_pattern"), path, cfg["lora_alpha"])
+        want_A, want_B = (d["r"], lin.in_features), (lin.out_features, d["r"])
+        if tuple(A.shape) != want_A or tuple(B.shape) != want_B:
+            raise ValueError(f"{weights_path}: shape mismatch for {path}: lora_A {tuple(A.shape)} / lora_B "
+                             f"{tuple(B.shape)}, model and r={d['r']} need {want_A} / {want_B}")
+    return cfg, found
+
+
+@torch.no_grad()
+def load_adapter(model: nn.Module, folder: str | os.PathLike, merge: bool = True) -> list[str]:
+    """Apply a PEFT LoRA folder (ours, peft's, upstream llm2vec's). Returns the adapted module paths.
+
+    merge=True folds W += scaling * B @ A into the base weights (the model stays plain, nothing else
+    changes). merge=False swaps in LoRALinear modules holding the loaded A/B and freezes everything
+    else, as `add_lora` does: ready to continue training. Nothing is modified if any check fails.
+    """
+    cfg, found = read_adapter(folder, model)
+    rslora = bool(cfg.get("use_rslora", False))
+    dropout = float(cfg.get("lora_dropout", 0.0) or 0.0)
+    for path, d in found.items():
+        lin = model.get_submodule(path)
+        lora = LoRALinear(lin, d["r"], d["alpha"], dropout, rslora)
+        lora.lora_A.weight.copy_(d["A"])
+        lora.lora_B.weight.copy_(d["B"])
+        if merge:
+            lin.weight.copy_(lin.weight.float() + lora.delta_weight())
+        else:
+            _set_module(model, path, lora)
+    if not merge:
+        freeze_all_but_lora(model)
+    return sorted(found)

@@ -1,0 +1,268 @@
+"""Training data: readers for local files, MNTP blocks and masking, deterministic rank-aware batches.
+
+Readers (all UTF-8; errors name the file, and the line where there is one):
+- `read_texts(path)`: `.jsonl` (one object with a "text" field, or one JSON string, per line), `.json`
+  (a list of such objects/strings), anything else as plain text with one text per line (`.txt`, WikiText
+  `.raw` as released: heading lines like ` = Title = ` are kept, blank lines are skipped).
+- `read_triples(path)`: supervised data, JSONL objects with query / positive / negative and an optional
+  instruction (a `.json` list of the same objects is accepted too).
+
+MNTP follows upstream llm2vec's run_mntp.py (itself HF's run_mlm.py): tokenize each line, concatenate,
+cut into blocks, mask 20% of the tokens. See `mntp_blocks` and `mask_tokens`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+# -----------------------------------------------------------------------------
+# Readers
+
+
+def _check_file(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found" if not path.exists() else f"{path}: not a file")
+    return path
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line without its line ending). Decoded line by line so a bad byte names its line."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            # Only strip the line ending: leading spaces are part of WikiText's raw format
+            # (` = Title = `, ` The game ...`) and tokenize differently without them.
+            yield lineno, line.rstrip("\n").removesuffix("\r")
+
+
+def _text_of(item, where: str) -> str:
+    if isinstance(item, str):
+        return item
+    if isinstance(item, dict):
+        if "text" not in item:
+            raise ValueError(f"{where}: object has no \"text\" field (keys: {sorted(item)[:10]})")
+        if not isinstance(item["text"], str):
+            raise ValueError(f"{where}: \"text\" is a {type(item['text']).__name__}, expected a string")
+        return item["text"]
+    raise ValueError(f"{where}: expected a string or an object with \"text\", got {type(item).__name__}")
+
+
+def _json_records(path: Path) -> Iterator[tuple[str, object]]:
+    """("file:line" or "file[i]", parsed item) for .jsonl (one value per line) or .json (a list)."""
+    if path.suffix.lower() == ".jsonl":
+        for lineno, line in _lines(path):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{lineno}", json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+        return
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    for i, item in enumerate(data):
+        yield f"{path}[{i}]", item
+
+
+def read_texts(path: str | os.PathLike) -> list[str]:
+    """Texts from .json / .jsonl ("text" field or plain strings) or plain text (one per line).
+
+    Blank (whitespace-only) texts are skipped everywhere: an empty text has no tokens to embed or mask.
+    """
+    path = _check_file(path)
+    if path.suffix.lower() in (".json", ".jsonl"):
+        texts = [_text_of(item, where) for where, item in _json_records(path)]
+    else:
+        texts = [line for _, line in _lines(path)]
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise ValueError(f"{path}: no texts (the file is empty or holds only blank entries)")
+    return texts
+
+
+TRIPLE_FIELDS = ("query", "positive", "negative")
+
+
+def read_triples(path: str | os.PathLike) -> list[dict]:
+    """Supervised records {query, positive, negative, instruction ("" if absent), ...other fields kept}.
+
+    Other fields (e.g. "dataset") pass through unchanged, so a caller can group batches by them.
+    """
+    path = _check_file(path)
+    out = []
+    for where, item in _json_records(path):
+        if not isinstance(item, dict):
+            raise ValueError(f"{where}: expected an object with {', '.join(TRIPLE_FIELDS)}, "
+                             f"got {type(item).__name__}")
+        missing = [k for k in TRIPLE_FIELDS if k not in item]
+        if missing:
+            raise ValueError(f"{where}: missing field(s) {', '.join(missing)}")
+        rec = dict(item)
+        rec.setdefault("instruction", "")
+        for k in TRIPLE_FIELDS + ("instruction",):
+            if not isinstance(rec[k], str):
+                raise ValueError(f"{where}: \"{k}\" is a {type(rec[k]).__name__}, expected a string")
+        for k in TRIPLE_FIELDS:
+            if not rec[k].strip():
+                raise ValueError(f"{where}: \"{k}\" is empty")
+        out.append(rec)
+    if not out:
+        raise ValueError(f"{path}: no records (the file is empty)")
+    return out
+
+
+# -----------------------------------------------------------------------------
+# MNTP
+
+
+def mntp_blocks(tokenizer, texts: Sequence[str], block_size: int, chunk: int = 10_000) -> torch.Tensor:
+    """Tokenize each text, concatenate everything, drop the remainder, cut into (N, block_size) blocks.
+
+    As run_mntp.py's `group_texts`: each line is tokenized on its own with the tokenizer's own special
+    tokens (none for SmolLM2; a BOS per line for Llama-2-style tokenizers), nothing else is inserted, and
+    blocks cross line and article boundaries. One difference: upstream concatenates and drops the
+    remainder per `datasets.map` batch of 1000 lines; we do it once over the whole corpus.
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    parts = []
+    for i in range(0, len(texts), chunk):  # chunks bound the memory of the Python id lists
+        ids = tokenizer.encode_batch(list(texts[i:i + chunk]))
+        parts.extend(np.asarray(x, dtype=np.int64) for x in ids if len(x))
+    flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    n = len(flat) // block_size
+    if n == 0:
+        raise ValueError(f"{len(flat)} tokens in total: not enough for one block of {block_size}")
+    return torch.from_numpy(flat[: n * block_size].reshape(n, block_size).copy())  # (N, block_size)
+
+
+def mask_token_id(tokenizer, kind: str = "blank") -> int:
+    """Id of the token that replaces masked inputs. None of the Llama/Mistral/SmolLM2 vocabularies has one.
+
+    - "blank": the existing token "_" (upstream's default for Llama-2/3, Mistral; id 79 on SmolLM2).
+    - "eos": the EOS token.
+    - "mask": an existing "<mask>" token only. Upstream adds a new "<mask>" and resizes the embeddings;
+      l2v does not: a new row would be untrained, unsaved by a LoRA-only adapter, and would change the
+      vocabulary size of the published base model.
+    """
+    if kind == "blank":
+        tid = tokenizer.token_id("_")
+        if tid is None:
+            raise ValueError('mask token "blank": this vocabulary has no "_" token; use kind="eos"')
+        return tid
+    if kind == "eos":
+        if tokenizer.eos_id is None:
+            raise ValueError('mask token "eos": this tokenizer has no EOS token; use kind="blank"')
+        return tokenizer.eos_id
+    if kind == "mask":
+        tid = tokenizer.token_id("<mask>")
+        if tid is None:
+            raise NotImplementedError('mask token "mask": the vocabulary has no "<mask>" token and l2v does not '
+                                      'add one (that needs resizing the embeddings); use "blank" or "eos"')
+        return tid
+    raise ValueError(f"unknown mask token kind {kind!r}: expected blank, eos or mask")
+
+
+def mask_tokens(input_ids: torch.Tensor, *, mask_id: int, special_ids: Sequence[int], vocab_size: int,
+                probability: float = 0.2, mode: str = "80_10_10", generator: torch.Generator | None = None,
+                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """MLM-style masking for MNTP. Returns (masked input_ids, labels), both (B, T) int64.
+
+    Each eligible token is selected with `probability` (independent draws, as HF's collator). Of the
+    selected: mode "80_10_10" -> 80% mask_id, 10% a random id uniform over [0, vocab_size), 10% unchanged;
+    mode "all_mask" -> all mask_id. labels = original id at selected positions, -100 elsewhere.
+
+    Never selected: special tokens, padding (attention_mask == 0), and any token whose left neighbour is
+    not a real token, in particular position 0. MNTP predicts token t from the output at t-1, so such a
+    token can never be scored: upstream masks it anyway (a corrupted input with no loss); we don't.
+    All draws come from `generator` (on its device; default: torch's global CPU generator).
+    """
+    if mode not in ("80_10_10", "all_mask"):
+        raise ValueError(f"unknown masking mode {mode!r}: expected 80_10_10 or all_mask")
+    ids = input_ids.long()
+    eligible = ~torch.isin(ids, torch.as_tensor(list(special_ids), dtype=torch.long, device=ids.device))
+    if attention_mask is not None:
+        real = attention_mask.bool().to(ids.device)
+        eligible &= real
+        eligible[:, 1:] &= real[:, :-1]  # the predicting position t-1 must be a real token too
+    eligible[:, 0] = False
+
+    # Draws happen on the generator's device, then move to the ids' device.
+    dev = generator.device if generator is not None else torch.device("cpu")
+
+    def rand():
+        return torch.rand(ids.shape, generator=generator, device=dev).to(ids.device)
+
+    selected = eligible & (rand() < probability)
+    labels = torch.where(selected, ids, torch.full_like(ids, -100))
+    if mode == "all_mask":
+        return torch.where(selected, torch.full_like(ids, mask_id), ids), labels
+    # One uniform draw per token splits the selected ones 80 / 10 / 10.
+    u = rand()
+    to_mask = selected & (u < 0.8)
+    to_random = selected & (u >= 0.8) & (u < 0.9)
+    random_ids = torch.randint(vocab_size, ids.shape, generator=generator, device=dev).to(ids.device)
+    masked = torch.where(to_mask, torch.full_like(ids, mask_id), ids)
+    masked = torch.where(to_random, random_ids, masked)
+    return masked, labels
+
+
+# -----------------------------------------------------------------------------
+# Batching
+
+
+def batches(items: int | Sequence, batch_size: int, *, seed: int, epoch: int = 0, rank: int = 0,
+            world_size: int = 1, drop_last: bool = True, shuffle: bool = True,
+            groups: Sequence | None = None) -> Iterator[list[int]]:
+    """One epoch of index batches for this rank, deterministic in (seed, epoch).
+
+    `batch_size` is the GLOBAL batch size. Each global batch is cut into `world_size` contiguous slices
+    and rank r gets slice r, so the union over ranks of step k is exactly the 1-rank batch of step k:
+    a 2-rank run trains on the same global batches (and, with gathered embeddings, the same in-batch
+    negatives) as a 1-rank run.
+
+    `groups` (one label per item, e.g. the source dataset of supervised triples): every global batch
+    draws from one group only, and the order of the batches is shuffled across groups (llm2vec's
+    supervised recipe). drop_last=False keeps a last smaller batch (per group), whose slices may differ
+    in size across ranks: use it for evaluation, not for gathered contrastive training.
+    """
+    n = int(items) if isinstance(items, (int, np.integer)) else len(items)
+    if batch_size < 1 or batch_size % world_size:
+        raise ValueError(f"global batch_size {batch_size} must be a positive multiple of world_size {world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} not in [0, {world_size})")
+    rng = np.random.default_rng([seed, epoch])  # independent streams per (seed, epoch)
+    if groups is None:
+        pools = [np.arange(n)]
+    else:
+        if len(groups) != n:
+            raise ValueError(f"{len(groups)} group labels for {n} items")
+        labels = {}
+        for i, g in enumerate(groups):
+            labels.setdefault(g, []).append(i)
+        pools = [np.asarray(v) for v in labels.values()]  # first-appearance order: deterministic
+    global_batches = []
+    for pool in pools:
+        order = rng.permutation(pool) if shuffle else pool
+        stop = len(order) - len(order) % batch_size if drop_last else len(order)
+        global_batches.extend(order[i:i + batch_size] for i in range(0, stop, batch_size))
+    if groups is not None and shuffle:
+        global_batches = [global_batches[i] for i in rng.permutation(len(global_batches))]
+    for gb in global_batches:
+        # Contiguous slice r of the global batch (np.array_split also covers a short last batch).
+        yield np.array_split(gb, world_size)[rank].tolist()

@@ -1,0 +1,116 @@
+"""Training objectives as small pure functions: MNTP and contrastive (SimCSE / supervised) losses.
+
+Conventions (llm2vec, see ../shared/reference/llm2vec-facts.md sections 2-4):
+- MNTP: the token at position t is predicted from the output at position t-1 (the causal-LM shift,
+  kept although attention is bidirectional); mean cross-entropy over masked tokens.
+- Contrastive: cosine similarity x scale (20 for SimCSE, 50 for supervised), cross-entropy with the
+  positive on the diagonal, every other gathered document (and hard negative) a negative.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# MNTP
+
+
+def num_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Number of tokens MNTP scores in this batch: labels at positions 1.. (position 0 has no t-1)."""
+    return (labels[:, 1:] != -100).sum()
+
+
+def mntp_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
+              normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
+    """Masked next-token prediction loss: sum of float32 cross-entropies / normalizer.
+
+    input_ids, labels (B, T); labels = original id at masked positions, -100 elsewhere. The LM head runs
+    only on the ~20% of positions that predict a masked token: with a 49k vocabulary the full (B, T, V)
+    logits would cost more memory than the rest of the step. `model` is an l2v Transformer or a DDP
+    wrapper around one (the head is then taken from `model.module`).
+
+    normalizer: the default (number of scored tokens in THIS batch, `num_targets(labels)`) gives the
+    per-batch mean, right for a single process without accumulation. The caller that accumulates
+    gradients and/or runs DDP must pass the GLOBAL count so that the step's gradient is that of the exact
+    mean over every masked token of the global batch (micro-batches hold different numbers of masked
+    tokens, so averaging per-micro-batch means would weight tokens unequally):
+        n_global = sum of num_targets(labels) over this rank's micro-batches of the step,
+                   then dist.all_reduce(n_global, SUM) over ranks
+        normalizer = n_global / world_size   # DDP AVERAGES gradients over ranks: undo its 1/world_size
+    and simply sum (not average) the micro-batch losses' gradients. The returned value then is this
+    micro-batch's share of the global mean x world_size; for logging, all-reduce-sum the detached
+    losses and divide by world_size.
+    """
+    hidden = model(input_ids, attention_mask=attention_mask)  # (B, T, D)
+    head = model.logits if hasattr(model, "logits") else model.module.logits
+    targets = labels[:, 1:]  # (B, T-1): the label predicted by each output position 0..T-2
+    sel = targets != -100
+    logits = head(hidden[:, :-1][sel]).float()  # (N, V), N = number of scored tokens
+    loss = F.cross_entropy(logits, targets[sel], reduction="sum")
+    if normalizer is None:
+        normalizer = sel.sum().clamp(min=1)
+    return loss / normalizer
+
+
+# -----------------------------------------------------------------------------
+# Contrastive
+
+
+class _AllGather(torch.autograd.Function):
+    """all_gather whose backward sends every rank's gradient for slice r back to rank r (summed)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out)  # (world_size * n, ...)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Every rank's loss depends on every slice: sum the gradients, keep our own slice. (all_reduce
+        # rather than reduce_scatter: the latter is missing on gloo.)
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate x (n, ...) from all ranks in rank order -> (world_size * n, ...); identity when not
+    distributed. Every rank must pass the same n (use `data.batches(..., drop_last=True)`).
+
+    Why: without gathering, each DDP rank only contrasts against its own n documents, so DDP (and
+    likewise gradient accumulation) shrinks the pool of in-batch negatives from the global batch to the
+    local one. Gradient: every rank computes the same global loss L; the backward sums all ranks'
+    gradients for slice r onto rank r, i.e. world_size x dL/dslice_r, which DDP's gradient averaging
+    divides back by world_size: the exact gradient of L, with no extra scaling by the caller.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    return _AllGather.apply(x)
+
+
+def contrastive_loss(q: torch.Tensor, d: torch.Tensor, hard_negatives: torch.Tensor | None = None,
+                     scale: float = 20.0) -> torch.Tensor:
+    """InfoNCE over cosine similarities. q, d (B, D): d[i] is the positive of q[i]; hard_negatives (H, D).
+
+    Candidates for every query: all of d, then all hard negatives; target of q[i] is candidate i.
+    L2-normalisation and scores in float32 (bf16 cosines x 50 lose the ranking signal).
+    """
+    cand = d if hard_negatives is None else torch.cat([d, hard_negatives])  # (B + H, D)
+    q = F.normalize(q.float(), dim=-1)
+    cand = F.normalize(cand.float(), dim=-1)
+    scores = scale * q @ cand.T  # (B, B + H)
+    return F.cross_entropy(scores, torch.arange(q.shape[0], device=q.device))
+
+
+def simcse_loss(view1: torch.Tensor, view2: torch.Tensor, scale: float = 20.0) -> torch.Tensor:
+    """Unsupervised SimCSE: two dropout views of the same sentences, gathered over ranks, scale 20."""
+    return contrastive_loss(all_gather_with_grad(view1), all_gather_with_grad(view2), scale=scale)
+
+
+def supervised_loss(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, scale: float = 50.0) -> torch.Tensor:
+    """Supervised triples: each query against all gathered positives and hard negatives, scale 50."""
+    return contrastive_loss(all_gather_with_grad(q), all_gather_with_grad(pos), all_gather_with_grad(neg),
+                            scale=scale)

@@ -6,12 +6,14 @@ applied its "permute for sliced rotary" to Meta's weights, and we must not undo 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch import nn
 from safetensors.torch import save_file
 
 from .model import ModelConfig, Transformer
@@ -75,6 +77,18 @@ def weight_files(folder: str | os.PathLike) -> list[Path]:
     raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
 
 
+@contextlib.contextmanager
+def _skip_init():
+    """Random init is wasted work when every tensor is about to be replaced; on `meta` its first call
+    also pulls in torch's meta-tensor decompositions (seconds of start-up). Skip it while building."""
+    saved = nn.Linear.reset_parameters, nn.Embedding.reset_parameters
+    nn.Linear.reset_parameters = nn.Embedding.reset_parameters = lambda self: None
+    try:
+        yield
+    finally:
+        nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved
+
+
 def load_model(folder: str | os.PathLike, dtype="float32", device="cpu", is_causal: bool | None = None,
                attention_dropout: float | None = None) -> Transformer:
     """Build on `meta`, then assign tensors read shard by shard: peak memory ~ one copy of weights."""
@@ -85,7 +99,7 @@ def load_model(folder: str | os.PathLike, dtype="float32", device="cpu", is_caus
         cfg.is_causal = is_causal
     if attention_dropout is not None:
         cfg.attention_dropout = attention_dropout
-    with torch.device("meta"):
+    with torch.device("meta"), _skip_init():
         model = Transformer(cfg)
     expected = model.state_dict()
     state, origin = {}, {}

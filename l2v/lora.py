@@ -47,7 +47,9 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(r, self.out_features, **kw)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # microsoft/LoRA's init
         nn.init.zeros_(self.lora_B.weight)  # so the adapted model starts equal to the base
-        self.dropout = nn.Dropout(dropout)
+        self.dropout_p = dropout
+        # nn.Identity when off: a p=0 Dropout still copies its input in training mode.
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.train(base.training)  # a new module defaults to training mode: follow the model's mode
 
@@ -56,8 +58,9 @@ class LoRALinear(nn.Module):
         if self.merged:
             return out
         # Compute in the input's dtype (bf16 under autocast); `.to` keeps the grads flowing to fp32.
-        a, b = self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)
-        return out + self.scaling * F.linear(F.linear(self.dropout(x), a), b)
+        # Scaling is folded into the small (out, r) B rather than applied to the (..., out) output.
+        a, b = self.lora_A.weight.to(x.dtype), (self.lora_B.weight * self.scaling).to(x.dtype)
+        return out + F.linear(F.linear(self.dropout(x), a), b)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A, (out, in), in float32."""
@@ -149,7 +152,7 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model_name_or
     r, alpha = Counter((m.r, m.alpha) for m in mods.values()).most_common(1)[0][0]
     rank_pattern = {re.escape(p): m.r for p, m in mods.items() if m.r != r}
     alpha_pattern = {re.escape(p): m.alpha for p, m in mods.items() if m.alpha != alpha}
-    dropout = next(iter(mods.values())).dropout.p
+    dropout = next(iter(mods.values())).dropout_p
     config = dict(
         peft_type="LORA", task_type=None, base_model_name_or_path=base_model_name_or_path, revision=None,
         inference_mode=True, r=r, lora_alpha=alpha, lora_dropout=dropout,

@@ -113,6 +113,27 @@ def test_resume_after_kill_is_bitwise_identical(tiny_model, text_files, tmp_path
     assert losses(tmp_path / "full")[-1] == losses(tmp_path / "cut")[-1]
 
 
+def test_resume_after_sigkill_is_bitwise_identical(tiny_model, text_files, tmp_path):
+    """A real SIGKILL at an arbitrary moment (possibly mid-save), then --resume true."""
+    import signal
+    import time
+    args = ["--max_steps", "8", "--batch_size", "4", "--save_every", "2", "--lora_dropout", "0.1"]
+    run(common_args(tiny_model, tmp_path / "full", "mntp", text_files) + args)
+    killed = common_args(tiny_model, tmp_path / "killed", "mntp", text_files) + args
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *killed], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((tmp_path / "killed").glob("checkpoint-*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "final").exists(), "the run finished before it could be killed"
+    run(killed + ["--resume", "true"])
+    a, b = adapter(tmp_path / "full" / "final"), adapter(tmp_path / "killed" / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_supervised_objective_and_merge_out(tiny_model, text_files, tmp_path):
     out = tmp_path / "sup"
     run(common_args(tiny_model, out, "supervised", text_files) + [

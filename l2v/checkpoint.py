@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 from safetensors.torch import save_file
 
@@ -53,6 +52,35 @@ def hf_key_to_l2v(key: str) -> str:
 
 def l2v_key_to_hf(key: str) -> str:
     return key if key.startswith("lm_head.") else "model." + key
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                     "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path: Path, dtype: torch.dtype):
+    """Yield (name, tensor cast to `dtype`) from a .safetensors file, one tensor at a time.
+
+    Plain reads into a fresh buffer instead of a memory map: mapped pages count towards the process's
+    resident memory until unmapped, so casting a mapped bf16 file to float32 held both copies (1.5x
+    the weights). Here the peak is the weights plus one tensor; same-dtype tensors are not copied.
+    """
+    with open(path, "rb") as f:
+        try:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not a safetensors file (bad header: {e})") from None
+        start = 8 + n
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            a, b = info["data_offsets"]
+            buf = torch.empty(b - a, dtype=torch.uint8)
+            f.seek(start + a)
+            if f.readinto(buf.numpy()) != b - a:
+                raise ValueError(f"{path}: file is truncated (tensor {name!r} ends past the end)")
+            yield name, buf.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"]).to(dtype)
 
 
 def weight_files(folder: str | os.PathLike) -> list[Path]:
@@ -104,19 +132,17 @@ def load_model(folder: str | os.PathLike, dtype="float32", device="cpu", is_caus
     expected = model.state_dict()
     state, origin = {}, {}
     for path in weight_files(folder):
-        with safe_open(path, framework="pt", device="cpu") as f:
-            for hf_key in f.keys():
-                key = hf_key_to_l2v(hf_key)
-                if key == "lm_head.weight" and cfg.tie_word_embeddings:
-                    continue  # some tied checkpoints store a redundant copy of the embedding
-                if key in state:
-                    raise ValueError(f"{path}: tensor {hf_key!r} also in {origin[key]}")
-                t = f.get_tensor(hf_key)
-                if key in expected and t.shape != expected[key].shape:
-                    raise ValueError(f"{path}: tensor {hf_key!r} has shape {tuple(t.shape)}, "
-                                     f"config.json implies {tuple(expected[key].shape)}")
-                state[key] = t.to(device=device, dtype=dtype)
-                origin[key] = path.name
+        for hf_key, t in read_safetensors(path, dtype):
+            key = hf_key_to_l2v(hf_key)
+            if key == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue  # some tied checkpoints store a redundant copy of the embedding
+            if key in state:
+                raise ValueError(f"{path}: tensor {hf_key!r} also in {origin[key]}")
+            if key in expected and t.shape != expected[key].shape:
+                raise ValueError(f"{path}: tensor {hf_key!r} has shape {tuple(t.shape)}, "
+                                 f"config.json implies {tuple(expected[key].shape)}")
+            state[key] = t.to(device)
+            origin[key] = path.name
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:

@@ -114,3 +114,14 @@ def test_tied_checkpoint_with_redundant_head_loads(tmp_path):
     loaded = load_model(out)
     assert loaded.lm_head is None
     torch.testing.assert_close(loaded.lm_head_weight, model.embed_tokens.weight)
+
+
+def test_truncated_and_garbage_weight_files(folder):
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[:-100])
+    with pytest.raises(ValueError, match=r"model\.safetensors: file is truncated"):
+        load_model(folder)
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(ValueError, match=r"model\.safetensors: not a safetensors file"):
+        load_model(folder)

@@ -14,7 +14,7 @@ Shapes: B batch, T tokens, D model dim, H query heads, K key/value heads, hd hea
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -115,10 +115,6 @@ class ModelConfig:
         if self.model_type == "llama":
             hf.update(attention_bias=self.o_bias, mlp_bias=self.mlp_bias)
         return hf
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -247,11 +243,6 @@ class Transformer(nn.Module):
         # Built explicitly on the CPU so it exists even when the model is built on `meta`.
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.gradient_checkpointing = False
-
-    def set_attention_dropout(self, p: float) -> None:
-        self.config.attention_dropout = p
-        for layer in self.layers:
-            layer.self_attn.dropout = p
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, is_causal: bool | None = None) -> torch.Tensor:

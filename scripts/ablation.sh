@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The LLM2Vec ablation on the demo model, one row per call (docs/results.md has the table):
 #   bash scripts/ablation.sh ROW [TASKS]
-#   ROW: uni | uni-weighted | bi | bi-mntp | bi-mntp-simcse | uni-simcse | bi-simcse
+#   ROW: uni | uni-weighted | bi | bi-mntp | bi-mntp-simcse | bi-mntp-simcse-lowlr | uni-simcse | bi-simcse
 # Trains what the row needs (configs/ablation/*.json, outputs in runs/ablation/) unless its adapter
 # exists, then evaluates (bf16 autocast) into runs/ablation/eval/ROW.<tasks>.json.
 # TASKS defaults to the final table; settings and checkpoints were chosen on STS-B dev only.
@@ -23,6 +23,8 @@ case "$row" in
   bi-mntp)        train mntp && ev --pooling mean --adapter runs/ablation/mntp/final ;;
   bi-mntp-simcse) train mntp && train mntp-simcse &&
                   ev --pooling mean --adapter runs/ablation/mntp/final --adapter runs/ablation/mntp-simcse/final ;;
+  bi-mntp-simcse-lowlr) train mntp && train mntp-simcse-lowlr &&
+                  ev --pooling mean --adapter runs/ablation/mntp/final --adapter runs/ablation/mntp-simcse-lowlr/final ;;
   uni-simcse)     train uni-simcse && ev --causal --pooling mean --adapter runs/ablation/uni-simcse/final ;;
   bi-simcse)      train bi-simcse && ev --pooling mean --adapter runs/ablation/bi-simcse/final ;;
   *) echo "unknown row $row" >&2; exit 2 ;;

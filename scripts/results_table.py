@@ -6,9 +6,10 @@ import json
 import sys
 from pathlib import Path
 
-ROWS = ["uni", "uni-weighted", "bi", "bi-mntp", "bi-mntp-simcse", "uni-simcse", "bi-simcse"]
+ROWS = ["uni", "uni-weighted", "bi", "bi-mntp", "bi-mntp-simcse", "bi-mntp-simcse-lowlr", "uni-simcse", "bi-simcse"]
 LABELS = {"uni": "Uni (causal, mean)", "uni-weighted": "Uni (causal, weighted mean)", "bi": "Bi (mean)",
-          "bi-mntp": "Bi+MNTP", "bi-mntp-simcse": "Bi+MNTP+SimCSE", "uni-simcse": "Uni+SimCSE (ablation)",
+          "bi-mntp": "Bi+MNTP", "bi-mntp-simcse": "Bi+MNTP+SimCSE (lr 2e-4, bf16 weights)",
+          "bi-mntp-simcse-lowlr": "Bi+MNTP+SimCSE (lr 5e-5, fp32 weights)", "uni-simcse": "Uni+SimCSE (ablation)",
           "bi-simcse": "Bi+SimCSE, no MNTP (ablation)"}
 COLUMNS = [("stsb-dev", "spearman"), ("stsb-test", "spearman"), ("sick-r-test", "spearman"),
            ("sts12", "spearman"), ("sts13", "spearman"), ("sts14", "spearman"), ("sts15", "spearman"),
@@ -22,12 +23,13 @@ def main(folder="runs/ablation/eval"):
         for r in json.loads(path.read_text())["results"]:
             for metric, value in r["scores"].items():
                 scores.setdefault(row, {})[(r["task"], metric)] = value
-    head = [f"{t} {'' if m == 'spearman' else m}".strip() for t, m in COLUMNS]
+    columns = [c for c in COLUMNS if any(c in v for v in scores.values())]  # drop unmeasured tasks
+    head = [f"{t} {'' if m == 'spearman' else m}".strip() for t, m in columns]
     print("| row | " + " | ".join(head) + " |")
-    print("|---|" + "---|" * len(COLUMNS))
+    print("|---|" + "---|" * len(columns))
     for row in ROWS:
         if row in scores:
-            cells = [f"{scores[row][c]:.1f}" if c in scores[row] else "–" for c in COLUMNS]
+            cells = [f"{scores[row][c]:.1f}" if c in scores[row] else "–" for c in columns]
             print(f"| {LABELS[row]} | " + " | ".join(cells) + " |")
 
 

@@ -72,6 +72,24 @@ def run_worker(python, script: str, *args) -> dict:
     return out
 
 
+def timed_steps(loss_fn, opt, warmup: int, steps: int, amp=None) -> tuple[list[float], list[float]]:
+    """The training-step timing loop both sides share: (seconds per timed step, every step's loss)."""
+    import contextlib
+    times, losses = [], []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        with amp if amp is not None else contextlib.nullcontext():
+            loss = loss_fn()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        losses.append(loss.item())
+        if i >= warmup:
+            times.append(dt)
+    return times, losses
+
+
 def median(xs):
     return statistics.median(xs)
 

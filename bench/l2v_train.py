@@ -12,7 +12,7 @@ import time
 import numpy as np
 import torch
 
-from common import DEMO_MODEL, emit, pin_threads
+from common import DEMO_MODEL, emit, pin_threads, timed_steps
 
 
 def main(objective, variant, ckpt, warmup, steps, batch_file, model_dir=DEMO_MODEL):
@@ -40,18 +40,7 @@ def main(objective, variant, ckpt, warmup, steps, batch_file, model_dir=DEMO_MOD
         views = [pool(model(ids, mask), mask, None, "mean") for _ in range(2)]  # two dropout views
         return simcse_loss(*views, scale=20.0)
 
-    times, losses = [], []
-    for i in range(int(warmup) + int(steps)):
-        t0 = time.perf_counter()
-        with amp:
-            loss = loss_fn()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        dt = time.perf_counter() - t0
-        losses.append(loss.item())
-        if i >= int(warmup):
-            times.append(dt)
+    times, losses = timed_steps(loss_fn, opt, int(warmup), int(steps), amp)
     emit(dict(side="l2v", objective=objective, variant=variant, ckpt=int(ckpt), load_s=load_s,
               step_s=times, losses=losses))
 

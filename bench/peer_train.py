@@ -14,7 +14,7 @@ import time
 import numpy as np
 import torch
 
-from common import DEMO_MODEL, emit, pin_threads
+from common import DEMO_MODEL, emit, pin_threads, timed_steps
 
 
 def main(objective, ckpt, warmup, steps, batch_file, model_dir=DEMO_MODEL):
@@ -56,17 +56,7 @@ def main(objective, ckpt, warmup, steps, batch_file, model_dir=DEMO_MODEL):
         q, d = (F.normalize(v, dim=-1) for v in views)
         return F.cross_entropy(20.0 * q @ d.T, torch.arange(q.shape[0]))
 
-    times, losses = [], []
-    for i in range(int(warmup) + int(steps)):
-        t0 = time.perf_counter()
-        loss = loss_fn()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        dt = time.perf_counter() - t0
-        losses.append(loss.item())
-        if i >= int(warmup):
-            times.append(dt)
+    times, losses = timed_steps(loss_fn, opt, int(warmup), int(steps))
     emit(dict(side="peer", objective=objective, variant="fp32", ckpt=int(ckpt), load_s=load_s,
               step_s=times, losses=losses))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -59,28 +60,70 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                      "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def read_safetensors(path: Path, dtype: torch.dtype):
-    """Yield (name, tensor cast to `dtype`) from a .safetensors file, one tensor at a time.
+CHUNK_BYTES = 8 << 20  # a cast reads through a buffer this small, so it stays in cache and adds no copy
 
-    Plain reads into a fresh buffer instead of a memory map: mapped pages count towards the process's
-    resident memory until unmapped, so casting a mapped bf16 file to float32 held both copies (1.5x
-    the weights). Here the peak is the weights plus one tensor; same-dtype tensors are not copied.
+
+def _read_exact(fd: int, view: memoryview, offset: int) -> int:
+    """pread until `view` is full or the file ends; returns the bytes read (no GIL held while reading)."""
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            break
+        done += n
+    return done
+
+
+def _read_tensor(fd: int, path: Path, name: str, info: dict, start: int, dtype: torch.dtype) -> torch.Tensor:
+    src = SAFETENSORS_DTYPES[info["dtype"]]
+    a, b = info["data_offsets"]
+    out = torch.empty(info["shape"], dtype=dtype if dtype.is_floating_point == src.is_floating_point else src)
+    if out.numel() * src.itemsize != b - a:
+        raise ValueError(f"{path}: tensor {name!r}: {b - a} bytes for shape {info['shape']} of {info['dtype']}")
+    flat = out.view(-1)
+    if out.dtype == src:  # same dtype: read straight into the result
+        got = _read_exact(fd, memoryview(flat.view(torch.uint8).numpy()), start + a)
+    else:  # cast chunk by chunk: never holds a second full-size copy
+        buf = torch.empty(min(CHUNK_BYTES, b - a), dtype=torch.uint8)
+        per, got = len(buf) // src.itemsize, 0
+        for i in range(0, out.numel(), per):
+            k = min(per, out.numel() - i)
+            n = _read_exact(fd, memoryview(buf.numpy())[:k * src.itemsize], start + a + got)
+            got += n
+            if n != k * src.itemsize:
+                break
+            flat[i:i + k].copy_(buf[:n].view(src))
+    if got != b - a:
+        raise ValueError(f"{path}: file is truncated (tensor {name!r} ends past the end)")
+    return out
+
+
+def read_safetensors(path: Path, dtype: torch.dtype, threads: int | None = None):
+    """Yield (name, tensor cast to `dtype`) from a .safetensors file, in file order.
+
+    Positional reads instead of a memory map: mapped pages count towards the process's resident
+    memory until unmapped, so casting a mapped bf16 file to float32 held both copies (1.5x the
+    weights). Here the peak is the weights plus one small buffer per reader thread. Reads and casts
+    release the GIL, so a few threads overlap them.
+    Integer tensors keep their dtype.
     """
     with open(path, "rb") as f:
         try:
             n = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(n))
             header.pop("__metadata__", None)
-        except (ValueError, UnicodeDecodeError) as e:
+            items = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+            for name, info in items:
+                if info["dtype"] not in SAFETENSORS_DTYPES:
+                    raise ValueError(f"tensor {name!r} has unsupported dtype {info['dtype']}")
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{path}: not a safetensors file (bad header: {e})") from None
-        start = 8 + n
-        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            a, b = info["data_offsets"]
-            buf = torch.empty(b - a, dtype=torch.uint8)
-            f.seek(start + a)
-            if f.readinto(buf.numpy()) != b - a:
-                raise ValueError(f"{path}: file is truncated (tensor {name!r} ends past the end)")
-            yield name, buf.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"]).to(dtype)
+        start, fd = 8 + n, f.fileno()
+        threads = threads or min(4, max(1, torch.get_num_threads()))
+        with ThreadPoolExecutor(threads) as pool:
+            jobs = [pool.submit(_read_tensor, fd, path, name, info, start, dtype) for name, info in items]
+            for (name, _), job in zip(items, jobs):
+                yield name, job.result()
 
 
 def weight_files(folder: str | os.PathLike) -> list[Path]:

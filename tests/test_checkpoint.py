@@ -116,6 +116,22 @@ def test_tied_checkpoint_with_redundant_head_loads(tmp_path):
     torch.testing.assert_close(loaded.lm_head_weight, model.embed_tokens.weight)
 
 
+@pytest.mark.parametrize("chunk", [64, 8 << 20])
+def test_cast_while_reading_is_exact(tmp_path, monkeypatch, chunk):
+    """bf16 file -> float32 model (and back) through the chunked, threaded reader: exactly what
+    safetensors' own reader gives, whatever the chunk size (64 bytes: every tensor in many pieces)."""
+    import l2v.checkpoint as ckpt
+    monkeypatch.setattr(ckpt, "CHUNK_BYTES", chunk)
+    torch.manual_seed(0)
+    save_model(Transformer(ModelConfig(**TINY)), tmp_path / "m", dtype=torch.bfloat16)
+    ref = load_file(tmp_path / "m" / "model.safetensors")
+    for dtype in (torch.float32, torch.bfloat16):
+        got = load_model(tmp_path / "m", dtype=dtype).state_dict()
+        for k, v in ref.items():
+            assert got[k.removeprefix("model.")].dtype == dtype
+            assert torch.equal(got[k.removeprefix("model.")], v.to(dtype)), k
+
+
 def test_truncated_and_garbage_weight_files(folder):
     path = folder / "model.safetensors"
     data = path.read_bytes()

@@ -84,10 +84,15 @@ def main():
             name = f"{obj}_{side}_{variant}{'_ckpt' if ckpt else ''}"
             if name in res["runs"]:
                 continue
-            if side == "l2v":
-                r = run_worker(sys.executable, "l2v_train.py", obj, variant, ckpt, *ws, f"{tmp}/{obj}.npz")
-            else:
-                r = run_worker(PEER_PYTHON, "peer_train.py", obj, ckpt, *ws, f"{tmp}/{obj}.npz")
+            try:
+                if side == "l2v":
+                    r = run_worker(sys.executable, "l2v_train.py", obj, variant, ckpt, *ws, f"{tmp}/{obj}.npz")
+                else:
+                    r = run_worker(PEER_PYTHON, "peer_train.py", obj, ckpt, *ws, f"{tmp}/{obj}.npz")
+            except RuntimeError as e:  # e.g. killed for memory: record it, go on with the other runs
+                res.setdefault("failed", {})[name] = str(e).splitlines()[0]
+                print(f"  {name}: FAILED: {str(e).splitlines()[0]}", flush=True)
+                continue
             r["median_step_s"] = median(r["step_s"])
             res["runs"][name] = r
             RESULTS.mkdir(exist_ok=True)

@@ -72,6 +72,8 @@ def main():
                                         peer["peak_rss_mb"] if peer else "-", "", "<= 0.6x" if obj == "mntp" else "",
                                         pr, (r["peak_rss_mb"] <= 0.6 * peer["peak_rss_mb"]) if (peer and obj == "mntp") else None,
                                         fmt="{:.0f}"))
+        for name, why in tr.get("failed", {}).items():  # e.g. a side killed for memory
+            rows.append(f"| {name}: failed | - | {why[:120]} | - | | - |")
     ld = load("load")
     if ld:
         m = ld["median"]

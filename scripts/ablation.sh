@@ -2,6 +2,7 @@
 # The LLM2Vec ablation on the demo model, one row per call (docs/results.md has the table):
 #   bash scripts/ablation.sh ROW [TASKS]
 #   ROW: uni | uni-weighted | bi | bi-mntp | bi-mntp-simcse | bi-mntp-simcse-lowlr | uni-simcse | bi-simcse
+#        | bi-mntp-lr1e-3 | bi-mntp-lr1e-3-simcse   (second attempt: MNTP at lr 1e-3, SimCSE at batch 64)
 # Trains what the row needs (configs/ablation/*.json, outputs in runs/ablation/) unless its adapter
 # exists, then evaluates (bf16 autocast) into runs/ablation/eval/ROW.<tasks>.json.
 # TASKS defaults to the final table; settings and checkpoints were chosen on STS-B dev only.
@@ -25,6 +26,9 @@ case "$row" in
                   ev --pooling mean --adapter runs/ablation/mntp/final --adapter runs/ablation/mntp-simcse/final ;;
   bi-mntp-simcse-lowlr) train mntp && train mntp-simcse-lowlr &&
                   ev --pooling mean --adapter runs/ablation/mntp/final --adapter runs/ablation/mntp-simcse-lowlr/final ;;
+  bi-mntp-lr1e-3) train mntp-lr1e-3 && ev --pooling mean --adapter runs/ablation/mntp-lr1e-3/final ;;
+  bi-mntp-lr1e-3-simcse) train mntp-lr1e-3 && train mntp-lr1e-3-simcse &&
+                  ev --pooling mean --adapter runs/ablation/mntp-lr1e-3/final --adapter runs/ablation/mntp-lr1e-3-simcse/final ;;
   uni-simcse)     train uni-simcse && ev --causal --pooling mean --adapter runs/ablation/uni-simcse/final ;;
   bi-simcse)      train bi-simcse && ev --pooling mean --adapter runs/ablation/bi-simcse/final ;;
   *) echo "unknown row $row" >&2; exit 2 ;;

@@ -6,10 +6,12 @@ import json
 import sys
 from pathlib import Path
 
-ROWS = ["uni", "uni-weighted", "bi", "bi-mntp", "bi-mntp-simcse", "bi-mntp-simcse-lowlr", "uni-simcse", "bi-simcse"]
+ROWS = ["uni", "uni-weighted", "bi", "bi-mntp", "bi-mntp-simcse", "bi-mntp-simcse-lowlr", "bi-mntp-lr1e-3",
+        "bi-mntp-lr1e-3-simcse", "uni-simcse", "bi-simcse"]
 LABELS = {"uni": "Uni (causal, mean)", "uni-weighted": "Uni (causal, weighted mean)", "bi": "Bi (mean)",
           "bi-mntp": "Bi+MNTP", "bi-mntp-simcse": "Bi+MNTP+SimCSE (lr 2e-4, bf16 weights)",
-          "bi-mntp-simcse-lowlr": "Bi+MNTP+SimCSE (lr 5e-5, fp32 weights)", "uni-simcse": "Uni+SimCSE (ablation)",
+          "bi-mntp-simcse-lowlr": "Bi+MNTP+SimCSE (lr 5e-5, fp32 weights)",
+          "bi-mntp-lr1e-3": "Bi+MNTP (2nd try: lr 1e-3)", "bi-mntp-lr1e-3-simcse": "Bi+MNTP+SimCSE (2nd try: batch 64, lr 1e-4)", "uni-simcse": "Uni+SimCSE (ablation)",
           "bi-simcse": "Bi+SimCSE, no MNTP (ablation)"}
 COLUMNS = [("stsb-dev", "spearman"), ("stsb-test", "spearman"), ("sick-r-test", "spearman"),
            ("sts12", "spearman"), ("sts13", "spearman"), ("sts14", "spearman"), ("sts15", "spearman"),

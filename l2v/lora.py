@@ -33,6 +33,35 @@ UNSUPPORTED = ("use_dora", "fan_in_fan_out", "lora_bias", "modules_to_save", "ta
                "trainable_token_indices", "layer_replication", "alora_invocation_tokens", "use_qalora")
 
 
+class Dropout(nn.Module):
+    """Inverted dropout. On CPU the mask comes from 16-bit random integers, four per 64-bit draw:
+    `F.dropout`'s per-element Bernoulli draws took 18 ms per (2048, 576) input, about a quarter of an
+    MNTP step with dropout on all seven projections; this takes 3 ms (measured on this project's
+    2-core AMD EPYC). p is rounded to a multiple of 1/65536 (0.05 -> 0.0500031) and the kept values
+    are scaled by the exact 1/keep, so the output's expectation is still x; the mask saved for the
+    backward is 1 byte per element instead of 4. Elsewhere (CUDA) it is `F.dropout`."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.p = p
+        self.threshold = round(p * 65536) - 32768  # keep a uniform int16 r iff r >= threshold
+        self.scale = 65536 / (65536 - round(p * 65536))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, True)
+        words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-2 ** 63, None)  # uniform 64 bits
+        keep = words.view(torch.int16)[:x.numel()].view(x.shape) >= self.threshold
+        return x * keep * self.scale
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
         super().__init__()
@@ -49,7 +78,7 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)  # so the adapted model starts equal to the base
         self.dropout_p = dropout
         # nn.Identity when off: a p=0 Dropout still copies its input in training mode.
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.train(base.training)  # a new module defaults to training mode: follow the model's mode
 

@@ -267,3 +267,31 @@ def test_shape_mismatch_and_missing_half(base_dir, adapter_dir):
     rewrite(adapter_dir, lambda t: t.pop(key))
     with pytest.raises(ValueError, match=r"adapter_model.safetensors: module\(s\) with only one of"):
         load_adapter(load_model(base_dir), adapter_dir, merge=False)
+
+
+def test_cpu_dropout_statistics_and_gradient():
+    """l2v's CPU dropout: keep rate 1 - p (p rounded to 1/65536), kept values scaled by 1/keep so the
+    mean is preserved, identity in eval mode, gradient = the same mask x scale, seeded reproducibility."""
+    from l2v.lora import Dropout
+    drop = Dropout(0.05).train()
+    assert drop.scale == 65536 / (65536 - 3277)
+    torch.manual_seed(0)
+    x = torch.ones(1001, 999, requires_grad=True)  # odd sizes: the mask is cut from 64-bit words
+    y = drop(x)
+    keep = y != 0
+    n = keep.numel()
+    rate = keep.float().mean().item()
+    assert abs(rate - (1 - 3277 / 65536)) < 4 * (0.05 * 0.95 / n) ** 0.5  # within 4 standard errors
+    assert torch.allclose(y[keep], torch.full_like(y[keep], drop.scale))
+    assert abs(y.mean().item() - 1.0) < 4 * drop.scale * (0.05 * 0.95 / n) ** 0.5
+    lanes = keep.flatten()[:n - n % 4].view(-1, 4).float().mean(0)  # each int16 lane of a word is uniform
+    assert (lanes - rate).abs().max() < 5 * (0.05 * 0.95 / (n / 4)) ** 0.5
+    y.sum().backward()
+    assert torch.equal(x.grad, keep.float() * drop.scale)
+    torch.manual_seed(0)
+    assert torch.equal(drop(x.detach()), y.detach())  # same seed, same mask
+    assert torch.equal(drop.eval()(x), x)
+    bf = torch.ones(64, 64, dtype=torch.bfloat16)
+    assert drop.train()(bf).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="dropout probability"):
+        Dropout(1.0)

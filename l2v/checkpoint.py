@@ -85,10 +85,10 @@ def _read_tensor(fd: int, path: Path, name: str, info: dict, start: int, dtype: 
         got = _read_exact(fd, memoryview(flat.view(torch.uint8).numpy()), start + a)
     else:  # cast chunk by chunk: never holds a second full-size copy
         buf = torch.empty(min(CHUNK_BYTES, b - a), dtype=torch.uint8)
-        per, got = len(buf) // src.itemsize, 0
+        view, per, got = memoryview(buf.numpy()), len(buf) // src.itemsize, 0
         for i in range(0, out.numel(), per):
             k = min(per, out.numel() - i)
-            n = _read_exact(fd, memoryview(buf.numpy())[:k * src.itemsize], start + a + got)
+            n = _read_exact(fd, view[:k * src.itemsize], start + a + got)
             got += n
             if n != k * src.itemsize:
                 break

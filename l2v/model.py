@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange, repeat
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -167,20 +168,25 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
 
     def forward(self, x, cos, sin, mask, is_causal: bool) -> torch.Tensor:
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, hd)
+        q = rearrange(self.q_proj(x), "b t (h d) -> b h t d", d=self.head_dim)  # (B, H, T, hd)
+        k = rearrange(self.k_proj(x), "b t (k d) -> b k t d", d=self.head_dim)  # (B, K, T, hd)
+        v = rearrange(self.v_proj(x), "b t (k d) -> b k t d", d=self.head_dim)  # (B, K, T, hd)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # (B, 1, T, hd); bf16 under autocast
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        # The single place where attention is causal or not: SDPA gets either the flag (no padding)
-        # or an explicit boolean mask that already encodes causality (see `build_mask`).
+        gqa = self.n_kv_heads != self.n_heads
+        if gqa and mask is not None and q.is_cuda:
+            # CUDA has no fused kernel for a mask with grouped K/V heads (SDPA would fall back to its
+            # slow math path), so give every query head its own copy of its K/V head.
+            k, v = (repeat(t, "b k t d -> b (k g) t d", g=self.n_heads // self.n_kv_heads) for t in (k, v))
+            gqa = False
+        # The single place where attention is causal or not: SDPA gets either the flag (one unpadded
+        # text per row) or an explicit boolean mask that already encodes causality (see `build_mask`).
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-            is_causal=is_causal and mask is None, enable_gqa=self.n_kv_heads != self.n_heads,
+            is_causal=is_causal and mask is None, enable_gqa=gqa,
         )  # (B, H, T, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return self.o_proj(rearrange(y, "b h t d -> b t (h d)"))
 
 
 class MLP(nn.Module):
@@ -207,28 +213,37 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def build_mask(pad_mask: torch.Tensor | None, T: int, is_causal: bool, window: int | None,
-                   device) -> torch.Tensor | None:
+def build_mask(segments: torch.Tensor | None, is_causal: bool, window: int | None, T: int,
+               device) -> torch.Tensor | None:
     """Boolean (B|1, 1, T, T) mask for SDPA (True = may attend), or None when the flag suffices.
 
-    Bidirectional: every real key is visible. Causal: keys at or before the query, and within the
-    sliding window if the checkpoint has one. Padding keys are never visible. Each row may always
-    see itself, so a padding query (e.g. under left padding) never has an empty row (NaN in SDPA);
-    real rows are unaffected because their own position is visible anyway.
+    segments (B, T): 0 = padding, k > 0 = a token of the k-th text packed in the row. A query sees the
+    keys of its own text only: all of them (bidirectional) or those at or before it, within the sliding
+    window if the checkpoint has one (causal). Each row may always see itself, so a padding query never
+    has an empty row (NaN in SDPA); real rows are unaffected because their own position is visible anyway.
     """
     use_window = is_causal and window is not None and T > window
-    if pad_mask is None and not use_window:
+    if segments is None and not use_window:
         return None
     i = torch.arange(T, device=device)
-    allowed = torch.ones(T, T, dtype=torch.bool, device=device)
+    allowed = torch.ones(1, T, T, dtype=torch.bool, device=device)
+    if segments is not None:
+        allowed = (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] > 0)  # (B, T, T)
     if is_causal:
-        allowed = i[:, None] >= i[None, :]
+        allowed = allowed & (i[:, None] >= i[None, :])
         if use_window:
             allowed = allowed & (i[:, None] - i[None, :] < window)
-    allowed = allowed[None, None]  # (1, 1, T, T)
-    if pad_mask is not None:
-        allowed = allowed & pad_mask.bool()[:, None, None, :]  # (B, 1, T, T)
-    return allowed | torch.eye(T, dtype=torch.bool, device=device)
+    return allowed[:, None] | torch.eye(T, dtype=torch.bool, device=device)
+
+
+def segment_positions(segments: torch.Tensor) -> torch.Tensor:
+    """RoPE positions that restart at 0 at the first token of every text of a packed row (B, T).
+    With one text per row this counts real tokens only, so left or right padding moves nothing."""
+    T = segments.shape[-1]
+    i = torch.arange(T, device=segments.device).expand_as(segments)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return i - torch.where(starts, i, 0).cummax(-1).values
 
 
 class Transformer(nn.Module):
@@ -245,27 +260,27 @@ class Transformer(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, is_causal: bool | None = None) -> torch.Tensor:
-        """input_ids (B, T); attention_mask (B, T), 1 = real token, any padding side.
+                is_causal: bool | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> final hidden states (B, T, D) after the last norm.
 
-        Positions default to counting real tokens only, so a left-padded row computes the same as
-        the unpadded one. Returns final hidden states (B, T, D) after the last norm.
+        attention_mask (B, T): 0 = padding (either side), 1 = a real token; or, for packed rows, k > 0 =
+        a token of the row's k-th text. Texts attend only within themselves and their RoPE positions start
+        at 0, so a text computes the same alone, padded or packed with others (up to rounding).
         """
         is_causal = self.config.is_causal if is_causal is None else is_causal
         B, T = input_ids.shape
-        if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None  # no padding: let SDPA use its fast unmasked path
-        if position_ids is None:
-            if attention_mask is None:
-                position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
-            else:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        if attention_mask is not None and bool((attention_mask == 1).all()):
+            attention_mask = None  # one unpadded text per row: let SDPA use its fast unmasked path
+        if attention_mask is None:
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        else:
+            positions = segment_positions(attention_mask)
         x = self.embed_tokens(input_ids)  # (B, T, D)
         # RoPE angles in float32 (positions can be large), then cast to the activation dtype.
-        freqs = position_ids[..., None].float() * self.inv_freq.float()  # (B, T, hd/2)
+        freqs = positions[..., None].float() * self.inv_freq.float()  # (B, T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
         cos, sin = emb.cos(), emb.sin()  # each attention casts them to its activation dtype
-        mask = build_mask(attention_mask, T, is_causal, self.config.sliding_window, x.device)
+        mask = build_mask(attention_mask, is_causal, self.config.sliding_window, T, x.device)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, mask, is_causal, use_reentrant=False)

@@ -30,6 +30,36 @@ def resolve_dtype(dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def resolve_device(device="auto") -> torch.device:
+    """"auto": the current CUDA device when there is one, else the CPU."""
+    if device == "auto" or device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device}: CUDA is not available here")
+    return device
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls beat float32 here: on GPUs, and CPUs with AVX512-BF16 or AMX. Without
+    them (AVX2-only CPUs) oneDNN falls back to a reference kernel hundreds of times slower."""
+    if device.type != "cpu":
+        return True
+    return any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def resolve_autocast(autocast, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for "auto" | "none" | a dtype name on this device; None = off."""
+    if autocast in (None, "none"):
+        return None
+    if autocast == "auto":
+        return torch.bfloat16 if fast_bf16(device) else None
+    return resolve_dtype(autocast)
+
+
 def read_json(path: str | os.PathLike) -> dict:
     """json.load with an error that names the file (and the line) instead of a bare JSONDecodeError."""
     path = Path(path)

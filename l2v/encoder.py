@@ -9,30 +9,27 @@ What one input goes through (see ../shared/reference/oracle/README.md §4 for th
      its own (skip_instruction=True): the model attends to the instruction, pooling skips it;
   5. pooling over the embed mask: mean | weighted_mean | eos_token | last_token | bos_token.
 
-Deliberate differences from upstream, none of which changes a `batch_size=1` embedding:
-  - rows are padded on the RIGHT and positions count real tokens (the model's default), so padding
-    does not move RoPE positions (upstream's left padding does, and its results change with the
-    batch size). Rounding still differs with the padded length: float32 GEMM and attention kernels
-    accumulate in a shape-dependent order, and 30 layers amplify 1e-7 into 1e-4. So a batch holds
-    only rows of one length (rounded up to `pad_multiple`, default 1: no padding at all): a row then
-    goes through the same kernel shapes alone or in any batch (measured on CPU: bs1 and bs32 are
-    bit-identical; unbucketed right padding differed by up to 1.3e-4). On STS-B, rounding to 8 would
-    add 27% padded tokens and cost 15% of the encode speed; exact lengths still fill batches of 32;
-  - batches are sorted by token count (upstream: character count) before batching;
-  - an empty text is an error (upstream silently pooled the whole padded row);
+Deliberate differences from upstream, none of which changes a single text's embedding:
+  - texts are packed: a batch is a few rows of up to `row_tokens` tokens, each row holding several
+    texts that attend only within themselves and whose RoPE positions start at 0 (`Transformer.forward`),
+    so no work goes to padding and a text's embedding does not depend on its neighbours, up to float
+    rounding (upstream left-pads, which moves positions: its results change with the batch size);
+  - an empty text, or an instruction that leaves it no room, is an error (upstream pooled padding);
+  - `prompt` (e.g. PromptEOL's 'This sentence : "{text}" means in one word:"') wraps each text;
   - a chat template is chosen explicitly (`chat_template=`), not by matching the model's hub name, and
     its tokens always stay outside the embed mask.
 """
 from __future__ import annotations
 
-import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .checkpoint import load_model, read_json, resolve_dtype
+from .checkpoint import load_config, load_model, read_json, resolve_autocast, resolve_device, resolve_dtype
+from .model import Transformer
 from .tokenizer import Tokenizer
 
 POOLING_MODES = ("mean", "weighted_mean", "eos_token", "last_token", "bos_token")
@@ -47,42 +44,84 @@ TEMPLATE_TOKENS = {"llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot
                    "chatml": ("<|im_start|>", "<|im_end|>")}
 
 
-def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, embed_mask: torch.Tensor | None = None,
-         mode: str = "mean", input_ids: torch.Tensor | None = None, bos_id: int | None = None) -> torch.Tensor:
-    """Pool hidden (B, T, D) into (B, D) float32. Masks are (B, T), 1 = real token / pooled token.
+def pool_weights(mode: str, embed_mask, input_ids=None, bos_id: int | None = None) -> np.ndarray:
+    """One text's pooling as weights over its tokens (float32, summing to 1); 1 in embed_mask = pooled.
 
-    mean / weighted_mean use embed_mask (all real tokens when None); weighted_mean weighs the pooled
-    positions 1, 2, ..., n from first to last, normalised to sum 1 (later tokens have seen more under
-    causal attention). eos_token / last_token take the last real token, whatever the embed mask says
-    (upstream does the same). bos_token averages the real positions holding `bos_id`.
-    Works for either padding side; sums are float32 even for bf16 hidden states.
+    mean: equal weights over the embed mask. weighted_mean: 1, 2, ..., n from first to last pooled token,
+    normalised (later tokens have seen more under causal attention). eos_token / last_token: the last
+    token, whatever the embed mask says (as upstream). bos_token: the positions holding `bos_id`.
     """
-    h = hidden.float()
-    real = attention_mask.to(h.device).bool()  # (B, T)
-    B, T = real.shape
-    if mode in ("eos_token", "last_token"):
-        pos = torch.arange(T, device=h.device)
-        last = torch.where(real, pos, -1).max(dim=-1).values  # (B,) index of the last real token
-        if bool((last < 0).any()):
-            raise ValueError("pool: a row has no real token")
-        return h[torch.arange(B, device=h.device), last]
-    if mode in ("mean", "weighted_mean"):
-        w = real if embed_mask is None else real & embed_mask.to(h.device).bool()
-        w = w.float()
-        if mode == "weighted_mean":
-            w = w.cumsum(-1) * w  # 1..n over the pooled positions, 0 elsewhere
+    m = np.asarray(embed_mask, dtype=np.float32)
+    if mode == "mean":
+        w = m
+    elif mode == "weighted_mean":
+        w = np.cumsum(m) * m
+    elif mode in ("eos_token", "last_token"):
+        w = np.zeros_like(m)
+        w[-1:] = 1
     elif mode == "bos_token":
         if input_ids is None or bos_id is None:
-            raise ValueError("bos_token pooling needs input_ids and bos_id (this tokenizer may have no BOS)")
-        w = (real & (input_ids.to(h.device) == bos_id)).float()
+            raise ValueError("bos_token pooling needs the input ids and a BOS id (this tokenizer may have no BOS)")
+        w = (np.asarray(input_ids) == bos_id).astype(np.float32)
     else:
         raise ValueError(f"unknown pooling mode {mode!r}; choose one of {POOLING_MODES}")
-    total = w.sum(-1, keepdim=True)  # (B, 1)
-    if bool((total == 0).any()):
-        raise ValueError(f"{mode} pooling: a row has no position to pool"
-                         + (f" (no token with the BOS id {bos_id})" if mode == "bos_token" else ""))
-    w = w / total  # normalise the weights first, then one weighted sum (as upstream)
-    return (h * w[..., None]).sum(dim=1)  # (B, D)
+    if w.sum() == 0:
+        raise ValueError(f"{mode} pooling: no position to pool" + (" (no BOS token)" if mode == "bos_token" else ""))
+    return w / w.sum()  # normalise the weights first, then one weighted sum (as upstream)
+
+
+def pool(hidden: torch.Tensor, weights: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+    """Weighted sums of token states into text vectors: hidden (R, T, D), weights (R, T) (0 on padding),
+    index (R, T) = the text each token belongs to -> (n, D) float32, even for bf16 hidden states."""
+    h = hidden.flatten(0, 1).float() * weights.flatten().to(hidden.device, torch.float32)[:, None]
+    return h.new_zeros(n, h.shape[1]).index_add_(0, index.flatten().to(hidden.device), h)
+
+
+def pack(lengths: list[int], row_tokens: int) -> list[list[int]]:
+    """Group texts into rows of at most `row_tokens` tokens (a longer text gets a row of its own):
+    the longest unplaced text opens a row, the shortest fill what is left. Returns rows of text indices."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rows, lo, hi = [], 0, len(order) - 1
+    while lo <= hi:
+        row, used = [order[lo]], lengths[order[lo]]
+        lo += 1
+        while lo <= hi and used + lengths[order[hi]] <= row_tokens:
+            row.append(order[hi])
+            used += lengths[order[hi]]
+            hi -= 1
+        rows.append(row)
+    return rows
+
+
+@dataclass
+class Batch:
+    """Packed texts: input_ids, segments (0 = padding, k = the row's k-th text), pooling weights and
+    the index of each token's text in `texts` (all (R, T)); `texts` = the texts' input positions, sorted."""
+    input_ids: torch.Tensor
+    segments: torch.Tensor
+    weights: torch.Tensor
+    index: torch.Tensor
+    texts: list[int]
+
+
+def collate(rows: list[list[int]], prepared: list[tuple[list[int], np.ndarray]], pad_id: int) -> Batch:
+    """Lay out packed rows (lists of indices into `prepared` = [(ids, pooling weights)]) as one Batch."""
+    T = max(sum(len(prepared[i][0]) for i in row) for row in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    seg, index = torch.zeros_like(ids), torch.zeros_like(ids)
+    weights = torch.zeros(len(rows), T)
+    texts = sorted(i for row in rows for i in row)
+    out_pos = {i: j for j, i in enumerate(texts)}  # embeddings come out in input order
+    for r, row in enumerate(rows):
+        t = 0
+        for k, i in enumerate(row, 1):
+            x, w = prepared[i]
+            ids[r, t:t + len(x)] = torch.tensor(x)
+            weights[r, t:t + len(x)] = torch.from_numpy(w)
+            seg[r, t:t + len(x)] = k
+            index[r, t:t + len(x)] = out_pos[i]
+            t += len(x)
+    return Batch(ids, seg, weights, index, texts)
 
 
 def shorten_by_words(text: str, count_tokens, doc_max_length: int) -> str:
@@ -133,11 +172,11 @@ def eos_suffix_for(model_type: str, tokenizer: Tokenizer) -> str:
 
 
 class Encoder:
-    """A model + tokenizer + pooling settings. `encode` for inference, `embed_batch` for training."""
+    """A model + tokenizer + encoding settings. `encode` for inference, `embed` for training."""
 
     def __init__(self, model, tokenizer: Tokenizer, pooling: str = "mean", max_length: int = 512,
                  doc_max_length: int = 400, skip_instruction: bool = True, chat_template: str | None = None,
-                 eos_suffix: str = " </s>", pad_multiple: int = 1, autocast=None):
+                 eos_suffix: str = " </s>", prompt: str | None = None, autocast=None, row_tokens: int = 512):
         if pooling not in POOLING_MODES:
             raise ValueError(f"unknown pooling mode {pooling!r}; choose one of {POOLING_MODES}")
         if chat_template == "auto":
@@ -148,46 +187,60 @@ class Encoder:
             missing = [t for t in TEMPLATE_TOKENS[chat_template] if tokenizer.token_id(t) is None]
             if missing:
                 raise ValueError(f"chat template {chat_template!r}: tokens {missing} are not in this vocabulary")
+        if prompt is not None and prompt.count("{text}") != 1:
+            raise ValueError(f"prompt {prompt!r}: needs exactly one {{text}} slot")
+        for name, value in (("max_length", max_length), ("doc_max_length", doc_max_length), ("row_tokens", row_tokens)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.model, self.tokenizer = model, tokenizer
         self.pooling, self.max_length, self.doc_max_length = pooling, max_length, doc_max_length
         self.skip_instruction, self.chat_template, self.eos_suffix = skip_instruction, chat_template, eos_suffix
-        self.pad_multiple = max(1, pad_multiple)
-        # bf16 matmuls over float32 weights (the residual stream stays float32); None = off.
-        self.autocast = None if autocast is None else resolve_dtype(autocast)
+        self.prompt, self.row_tokens = prompt, row_tokens
+        # A dtype for the matmuls (weights and residual stream keep theirs), or None.
+        self.autocast = None if autocast in (None, "none") else resolve_dtype(autocast)
 
     @classmethod
     def from_pretrained(cls, model_dir, adapters=(), is_causal: bool = False, dtype="float32",
                         pooling: str | None = None, max_length: int | None = None,
                         doc_max_length: int | None = None, skip_instruction: bool | None = None,
-                        chat_template: str | None = None, device="cpu", autocast=None) -> "Encoder":
+                        chat_template: str | None = None, prompt: str | None = None, device="cpu",
+                        autocast="none", check_inputs=None) -> "Encoder":
         """Base model, then each PEFT-format adapter merged in order (MNTP, then SimCSE/supervised).
 
         Settings: explicit arguments, else `llm2vec_config.json` (last adapter wins over the model
         folder), else upstream's defaults (mean, 512, 400, skip_instruction=True).
         dtype="bfloat16" stores bf16 weights (upstream's choice; half the memory); autocast="bfloat16"
-        keeps float32 weights and residual stream and runs the matmuls in bf16 (closer to float32:
-        on the demo model, STS-B cosines to float32 averaged 0.998 vs 0.995 for bf16 weights).
+        keeps float32 weights and residual stream and runs the matmuls in bf16 (closer to float32);
+        "auto" turns it on where bf16 matmuls are fast (see `resolve_autocast`).
+        Every file, the adapters' shapes and `check_inputs` (if given) are checked before the weights load.
         """
+        from .lora import load_adapter, read_adapter  # written separately; only needed here
         adapters = [adapters] if isinstance(adapters, (str, os.PathLike)) else list(adapters)
         cfg = read_llm2vec_config(model_dir, *adapters)
-        dtype = resolve_dtype(dtype)
+        device, dtype = resolve_device(device), resolve_dtype(dtype)
+        model_cfg, tok = load_config(model_dir), Tokenizer(model_dir)
+
+        def pick(value, key, default):
+            return value if value is not None else cfg.get(key, default)
+        enc = cls(None, tok, pooling=pick(pooling, "pooling_mode", "mean"), max_length=pick(max_length, "max_length", 512),
+                  doc_max_length=pick(doc_max_length, "doc_max_length", 400),
+                  skip_instruction=pick(skip_instruction, "skip_instruction", True), chat_template=chat_template,
+                  prompt=prompt, eos_suffix=eos_suffix_for(model_cfg.model_type, tok),
+                  autocast=resolve_autocast(autocast, device))
+        with torch.device("meta"):
+            meta = Transformer(model_cfg)
+        for folder in adapters:
+            read_adapter(folder, meta)
+        if check_inputs is not None:
+            enc.prepare_inputs(check_inputs)
         # Merge adapters in float32 and cast afterwards: B @ A added to bf16 weights would lose most of it.
         model = load_model(model_dir, dtype=torch.float32 if adapters else dtype, device=device, is_causal=is_causal)
-        if adapters:
-            from .lora import load_adapter  # written separately; only needed here
-            for folder in adapters:
-                load_adapter(model, folder, merge=True)
-            for p in model.parameters():  # parameters only: the RoPE inv_freq buffer stays float32
-                p.data = p.data.to(dtype)
-        model.requires_grad_(False)
-        tok = Tokenizer(model_dir)
-        return cls(model, tok,
-                   pooling=pooling or cfg.get("pooling_mode", "mean"),
-                   max_length=max_length or cfg.get("max_length", 512),
-                   doc_max_length=doc_max_length or cfg.get("doc_max_length", 400),
-                   skip_instruction=cfg.get("skip_instruction", True) if skip_instruction is None else skip_instruction,
-                   chat_template=chat_template,
-                   eos_suffix=eos_suffix_for(model.config.model_type, tok), autocast=autocast)
+        for folder in adapters:
+            load_adapter(model, folder, merge=True)
+        for p in model.parameters():  # parameters only: the RoPE inv_freq buffer stays float32
+            p.data = p.data.to(dtype)
+        enc.model = model.requires_grad_(False)
+        return enc
 
     # ---- preparation: strings -> ids + embed mask (needs only the tokenizer) ----
 
@@ -198,10 +251,12 @@ class Encoder:
         """One (instruction, text) -> (input_ids, embed_mask), both lists of the row's length."""
         if not isinstance(instruction, str) or not isinstance(text, str):
             raise TypeError(f"input {index}: expected a string or an (instruction, text) pair of strings")
-        if self.count_tokens(text) == 0:
+        if not text.strip():
             # Upstream would pool the whole padded row here; an error is more useful.
             raise ValueError(f"input {index}: the text is empty (nothing to embed)")
         text = shorten_by_words(text, self.count_tokens, self.doc_max_length)
+        if self.prompt:
+            text = self.prompt.replace("{text}", text)  # the prompt's words are pooled with the text's
         head = instruction.strip() + " " if instruction else ""  # `if instruction`, exactly as upstream
         before, after = CHAT_TEMPLATES[self.chat_template] if self.chat_template else ("", "")
         eos = self.pooling == "eos_token"
@@ -218,7 +273,12 @@ class Encoder:
         n = self.count_tokens(text)
         tail = self.tokenizer.encode(after, add_special_tokens=False) if after else []
         ids = self.tokenizer.encode(before + head + text, add_special_tokens=True)
-        ids = ids[:self.max_length - len(tail)]  # cut from the right; a template's closing tokens survive
+        room = self.max_length - len(tail)
+        n_before = len(self.tokenizer.encode(before + head, add_special_tokens=True)) if before or head else 0
+        if n_before >= room:
+            raise ValueError(f"input {index}: the instruction and template take {n_before} of the "
+                             f"{self.max_length} tokens of max_length: no room for the text")
+        ids = ids[:room]  # cut from the right; a template's closing tokens survive
         # The embed mask is a COUNT from the end, not an alignment (upstream, and how the published
         # LLM2Vec models got their numbers): when the text tokenizes differently inside the string, or
         # the cut above removed its end, the window shifts onto the instruction's last tokens.
@@ -229,84 +289,74 @@ class Encoder:
         mask = [0] * (len(ids) - n) + [1] * n + [0] * len(tail)
         return ids + tail, mask
 
-    def prepare_inputs(self, inputs) -> list[tuple[list[int], list[int]]]:
+    def prepare_inputs(self, inputs) -> list[tuple[list[int], np.ndarray]]:
+        """Inputs -> [(input_ids, pooling weights)], one per input."""
+        if isinstance(inputs, (str, tuple)):
+            raise TypeError("inputs: expected a list of strings and/or (instruction, text) pairs, got a "
+                            f"bare {type(inputs).__name__} (wrap one input in a list)")
         out = []
         for i, item in enumerate(inputs):
             if isinstance(item, str):
-                out.append(self.prepare("", item, i))
-            elif isinstance(item, (tuple, list)) and len(item) == 2:
-                out.append(self.prepare(item[0], item[1], i))
-            else:
+                item = ("", item)
+            if not (isinstance(item, (tuple, list)) and len(item) == 2):
                 raise TypeError(f"input {i}: expected a string or an (instruction, text) pair, got {type(item).__name__}"
                                 + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else ""))
+            ids, mask = self.prepare(item[0], item[1], i)
+            out.append((ids, pool_weights(self.pooling, mask, ids, self.tokenizer.bos_id)))
         return out
 
-    def padded_length(self, n: int) -> int:
-        return -(-n // self.pad_multiple) * self.pad_multiple
-
-    def collate(self, rows: list[tuple[list[int], list[int]]]):
-        """Right-pad prepared rows to the longest (rounded up to pad_multiple) -> input_ids, attention_mask,
-        embed_mask, each (B, T) int64."""
-        T = self.padded_length(max(len(r[0]) for r in rows))
-        ids, attn = self.tokenizer.pad([r[0] for r in rows], side="right", pad_to=T)
-        embed = torch.zeros_like(attn)
-        for i, (_, m) in enumerate(rows):
-            embed[i, :len(m)] = torch.tensor(m, dtype=torch.long)
-        return ids, attn, embed
+    def batches(self, prepared, max_batch_tokens: int | None = None) -> list[Batch]:
+        """Pack prepared texts into rows of `row_tokens` and the rows into batches of at most
+        `max_batch_tokens` (rows x padded length; None = one batch). No work is spent on padding
+        beyond the ends of rows, and no text sees another (see `Transformer.forward`)."""
+        rows = pack([len(ids) for ids, _ in prepared], self.row_tokens)
+        lengths = [sum(len(prepared[i][0]) for i in row) for row in rows]
+        groups, T = [[]], 0
+        for row, n in zip(rows, lengths):
+            T_new = max(T, n)
+            if groups[-1] and max_batch_tokens is not None and T_new * (len(groups[-1]) + 1) > max_batch_tokens:
+                groups.append([])
+                T_new = n
+            groups[-1].append(row)
+            T = T_new
+        return [collate(g, prepared, self.tokenizer.pad_id) for g in groups]
 
     # ---- model side ----
 
-    def embed_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    embed_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T) tensors -> (B, D) float32 embeddings, differentiable (for training)."""
-        device = self.model.embed_tokens.weight.device
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        hidden = self.model(input_ids, attention_mask)  # (B, T, D); causal or not per model.config
-        return pool(hidden, attention_mask, embed_mask.to(device), self.pooling,
-                    input_ids=input_ids, bos_id=self.tokenizer.bos_id)
+    def embed(self, batch: Batch, model=None) -> torch.Tensor:
+        """A Batch -> (len(batch.texts), D) float32 embeddings in `batch.texts` order, differentiable.
+        `model`: another callable on the same weights (e.g. training's DDP wrapper); default self.model."""
+        model = model or self.model
+        device = next(model.parameters()).device
+        hidden = model(batch.input_ids.to(device), batch.segments.to(device))  # (R, T, D)
+        return pool(hidden, batch.weights, batch.index, len(batch.texts))
 
-    def encode(self, inputs, batch_size: int = 32, normalize: bool = False,
+    def encode(self, inputs, max_batch_tokens: int = 8192, normalize: bool = False,
                show_progress: bool = False) -> np.ndarray:
         """Inputs (strings and/or (instruction, text) pairs) -> float32 array [N, D] in input order."""
         if isinstance(inputs, str):
             inputs = [inputs]
-        rows = self.prepare_inputs(inputs)
-        dim = self.model.config.dim
-        out = np.zeros((len(rows), dim), dtype=np.float32)
-        # Longest first; a batch never mixes padded lengths (see the module docstring), so a row's
-        # embedding is the same whatever else is encoded with it. Results go back by index.
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
-        batches, padded = [], None
-        for i in order:
-            T = self.padded_length(len(rows[i][0]))
-            if batches and T == padded and len(batches[-1]) < batch_size:
-                batches[-1].append(i)
-            else:
-                batches.append([i])
-                padded = T
+        if max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be positive, got {max_batch_tokens}")
+        prepared = self.prepare_inputs(inputs)
+        out = np.zeros((len(prepared), self.model.config.dim), dtype=np.float32)
+        batches = self.batches(prepared, max_batch_tokens) if prepared else []
         if show_progress:
             from tqdm import tqdm
-            batches = tqdm(batches, unit="batch", desc="encode")
+            batches = tqdm(batches, unit="batch", desc="encode", disable=None)  # None: off when not a terminal
         was_training = self.model.training
         self.model.eval()
         device = self.model.embed_tokens.weight.device
         try:
             with torch.inference_mode(), torch.autocast(device.type, dtype=self.autocast or torch.bfloat16,
                                                         enabled=self.autocast is not None):
-                for idx in batches:
-                    emb = self.embed_batch(*self.collate([rows[i] for i in idx]))
+                for batch in batches:
+                    emb = self.embed(batch)
                     if normalize:
                         emb = torch.nn.functional.normalize(emb, dim=-1)
-                    out[idx] = emb.cpu().numpy()
+                    out[batch.texts] = emb.cpu().numpy()
         finally:
             self.model.train(was_training)
+        if not np.isfinite(out).all():
+            raise ValueError("the model produced non-finite embeddings (NaN or inf weights?)")
         return out
-
-    def save_config(self, folder) -> Path:
-        """Write llm2vec_config.json (upstream's keys) so `from_pretrained` restores these settings."""
-        path = Path(folder) / CONFIG_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        cfg = dict(pooling_mode=self.pooling, max_length=self.max_length,
-                   doc_max_length=self.doc_max_length, skip_instruction=self.skip_instruction)
-        path.write_text(json.dumps(cfg, indent=2) + "\n")
-        return path

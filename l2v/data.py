@@ -1,11 +1,8 @@
 """Training data: readers for local files, MNTP blocks and masking, deterministic rank-aware batches.
 
-Readers (all UTF-8; errors name the file, and the line where there is one):
-- `read_texts(path)`: `.jsonl` (one object with a "text" field, or one JSON string, per line), `.json`
-  (a list of such objects/strings), anything else as plain text with one text per line (`.txt`, WikiText
-  `.raw` as released: heading lines like ` = Title = ` are kept, blank lines are skipped).
-- `read_triples(path)`: supervised data, JSONL objects with query / positive / negative and an optional
-  instruction (a `.json` list of the same objects is accepted too).
+Readers (all UTF-8; errors name the file, and the line where there is one): `read_records` reads
+text files (.txt, WikiText's .raw as released: one record per non-blank line), .jsonl (one JSON value
+per line) and .json (a list); `read_texts` and `read_triples` check the records' fields.
 
 MNTP follows upstream llm2vec's run_mntp.py (itself HF's run_mlm.py): tokenize each line, concatenate,
 cut into blocks, mask 20% of the tokens. See `mntp_blocks` and `mask_tokens`.
@@ -24,15 +21,14 @@ import torch
 # Readers
 
 
-def _check_file(path: str | os.PathLike) -> Path:
+TEXT_SUFFIXES = (".txt", ".raw", ".text", ".tsv")
+
+
+def read_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """(line number, line without its line ending) of a UTF-8 file; a bad byte names its line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found" if not path.exists() else f"{path}: not a file")
-    return path
-
-
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, line without its line ending). Decoded line by line so a bad byte names its line."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
@@ -44,54 +40,61 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
             yield lineno, line.rstrip("\n").removesuffix("\r")
 
 
-def _text_of(item, where: str) -> str:
-    if isinstance(item, str):
-        return item
-    if isinstance(item, dict):
-        if "text" not in item:
-            raise ValueError(f"{where}: object has no \"text\" field (keys: {sorted(item)[:10]})")
-        if not isinstance(item["text"], str):
-            raise ValueError(f"{where}: \"text\" is a {type(item['text']).__name__}, expected a string")
-        return item["text"]
-    raise ValueError(f"{where}: expected a string or an object with \"text\", got {type(item).__name__}")
+def read_records(path: str | os.PathLike) -> list[tuple[str, object]]:
+    """("file:line" or "file[i]", record) for every record of a file: a non-blank line of a text file
+    (.txt, .raw), a parsed line of .jsonl, an element of a .json list."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in TEXT_SUFFIXES + (".json", ".jsonl"):
+        raise ValueError(f"{path}: unsupported file type {suffix or '(none)'!r}; expected .txt, .raw, .jsonl or .json")
+    if suffix == ".json":
+        text = "\n".join(line for _, line in read_lines(path))
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+        return [(f"{path}[{i}]", item) for i, item in enumerate(data)]
+    out = []
+    for lineno, line in read_lines(path):
+        if not line.strip():
+            continue
+        if suffix != ".jsonl":
+            out.append((f"{path}:{lineno}", line))
+            continue
+        try:
+            out.append((f"{path}:{lineno}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+    return out
 
 
-def _json_records(path: Path) -> Iterator[tuple[str, object]]:
-    """("file:line" or "file[i]", parsed item) for .jsonl (one value per line) or .json (a list)."""
-    if path.suffix.lower() == ".jsonl":
-        for lineno, line in _lines(path):
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}:{lineno}", json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
-        return
-    try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-    for i, item in enumerate(data):
-        yield f"{path}[{i}]", item
+def field(item, where: str, key: str, default=None) -> str:
+    """A string field of a record (a bare string is its own "text"), with an error naming the record."""
+    if isinstance(item, str) and (key == "text" or default is not None):
+        return item if key == "text" else default
+    if not isinstance(item, dict):
+        raise ValueError(f"{where}: expected an object with \"{key}\", got {type(item).__name__}")
+    value = item.get(key, default)
+    if value is None:
+        raise ValueError(f"{where}: object has no \"{key}\" field (keys: {sorted(item)[:10]})")
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: \"{key}\" is a {type(value).__name__}, expected a string")
+    return value
 
 
 def read_texts(path: str | os.PathLike) -> list[str]:
-    """Texts from .json / .jsonl ("text" field or plain strings) or plain text (one per line).
-
-    Blank (whitespace-only) texts are skipped everywhere: an empty text has no tokens to embed or mask.
-    """
-    path = _check_file(path)
-    if path.suffix.lower() in (".json", ".jsonl"):
-        texts = [_text_of(item, where) for where, item in _json_records(path)]
-    else:
-        texts = [line for _, line in _lines(path)]
-    texts = [t for t in texts if t.strip()]
+    """Texts from a text file (one per line; blank lines skipped) or .json / .jsonl (strings or
+    objects with "text"). A blank text is an error: it has no tokens to embed or mask."""
+    texts = []
+    for where, item in read_records(path):
+        text = field(item, where, "text")
+        if not text.strip():
+            raise ValueError(f"{where}: the text is empty")
+        texts.append(text)
     if not texts:
-        raise ValueError(f"{path}: no texts (the file is empty or holds only blank entries)")
+        raise ValueError(f"{path}: no texts (the file is empty or holds only blank lines)")
     return texts
 
 
@@ -103,23 +106,14 @@ def read_triples(path: str | os.PathLike) -> list[dict]:
 
     Other fields (e.g. "dataset") pass through unchanged, so a caller can group batches by them.
     """
-    path = _check_file(path)
     out = []
-    for where, item in _json_records(path):
-        if not isinstance(item, dict):
-            raise ValueError(f"{where}: expected an object with {', '.join(TRIPLE_FIELDS)}, "
-                             f"got {type(item).__name__}")
-        missing = [k for k in TRIPLE_FIELDS if k not in item]
-        if missing:
-            raise ValueError(f"{where}: missing field(s) {', '.join(missing)}")
-        rec = dict(item)
-        rec.setdefault("instruction", "")
-        for k in TRIPLE_FIELDS + ("instruction",):
-            if not isinstance(rec[k], str):
-                raise ValueError(f"{where}: \"{k}\" is a {type(rec[k]).__name__}, expected a string")
+    for where, item in read_records(path):
+        rec = dict(item) if isinstance(item, dict) else {}
         for k in TRIPLE_FIELDS:
+            rec[k] = field(item, where, k)
             if not rec[k].strip():
                 raise ValueError(f"{where}: \"{k}\" is empty")
+        rec["instruction"] = field(item, where, "instruction", "")
         out.append(rec)
     if not out:
         raise ValueError(f"{path}: no records (the file is empty)")

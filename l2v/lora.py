@@ -30,7 +30,9 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 PREFIX = "base_model.model."
 # Config options that change what the adapter computes and that we do not implement: refuse, never ignore.
 UNSUPPORTED = ("use_dora", "fan_in_fan_out", "lora_bias", "modules_to_save", "target_parameters",
-               "trainable_token_indices", "layer_replication", "alora_invocation_tokens", "use_qalora")
+               "trainable_token_indices", "layer_replication", "alora_invocation_tokens", "use_qalora",
+               "exclude_modules")
+LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # the decoder layer number in a module path
 
 
 class Dropout(nn.Module):
@@ -133,15 +135,25 @@ def freeze_all_but_lora(model: nn.Module) -> None:
         p.requires_grad_(id(p) in keep)
 
 
+def layer_of(path: str) -> int | None:
+    m = LAYER.search(path)
+    return int(m[1]) if m else None
+
+
 def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 0.05,
-             targets=DEFAULT_TARGETS, use_rslora: bool = False) -> list[str]:
-    """Swap every nn.Linear whose last name is in `targets` for a LoRALinear; freeze all the rest."""
+             targets=DEFAULT_TARGETS, use_rslora: bool = False, layers=None) -> list[str]:
+    """Swap every nn.Linear whose last name is in `targets` (and, if given, whose decoder layer number
+    is in `layers`) for a LoRALinear; freeze all the rest."""
     if lora_modules(model):
         raise ValueError("model already has LoRA modules: call merge_lora(model) before adding new ones")
-    paths = [n for n, m in model.named_modules()
-             if isinstance(m, nn.Linear) and n.rpartition(".")[2] in targets]
-    if not paths:
-        raise ValueError(f"add_lora: no nn.Linear named any of {tuple(targets)} in the model")
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    unknown = sorted(set(targets) - {n.rpartition(".")[2] for n in linears})
+    if unknown:
+        raise ValueError(f"lora targets {unknown} match no linear layer of the model")
+    n_layers = len(getattr(model, "layers", []))
+    if layers is not None and not all(0 <= i < n_layers for i in layers):
+        raise ValueError(f"lora layers {sorted(layers)}: the model has layers 0..{n_layers - 1}")
+    paths = [n for n in linears if n.rpartition(".")[2] in targets and (layers is None or layer_of(n) in layers)]
     for path in paths:
         _set_module(model, path, LoRALinear(model.get_submodule(path), r, alpha, dropout, use_rslora))
     freeze_all_but_lora(model)
@@ -149,9 +161,11 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 
 
 
 @torch.no_grad()
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Replace every LoRALinear by a plain nn.Linear holding W + scaling * B @ A (in place)."""
+def merge_lora(model: nn.Module, paths=None) -> nn.Module:
+    """Replace every LoRALinear (or those at `paths`) by a plain nn.Linear holding W + scaling * B @ A."""
     for path, m in lora_modules(model).items():
+        if paths is not None and path not in paths:
+            continue
         m.merge()
         lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
         lin.weight, lin.bias = m.weight, m.bias  # reuse the merged Parameters, flags included
@@ -182,12 +196,15 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model_name_or
     rank_pattern = {re.escape(p): m.r for p, m in mods.items() if m.r != r}
     alpha_pattern = {re.escape(p): m.alpha for p, m in mods.items() if m.alpha != alpha}
     dropout = next(iter(mods.values())).dropout_p
+    layers = sorted({layer_of(p) for p in mods})
+    all_layers = len(getattr(model, "layers", [])) == len(layers)
     config = dict(
         peft_type="LORA", task_type=None, base_model_name_or_path=base_model_name_or_path, revision=None,
         inference_mode=True, r=r, lora_alpha=alpha, lora_dropout=dropout,
         target_modules=sorted({p.rpartition(".")[2] for p in mods}), exclude_modules=None,
         fan_in_fan_out=False, bias="none", use_rslora=next(iter(mods.values())).use_rslora,
-        modules_to_save=None, init_lora_weights=True, layers_to_transform=None, layers_pattern=None,
+        modules_to_save=None, init_lora_weights=True, layers_to_transform=None if all_layers else layers,
+        layers_pattern=None if all_layers else "layers",
         rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, use_dora=False, lora_bias=False,
         layer_replication=None,
     )
@@ -229,9 +246,23 @@ def read_adapter(folder: str | os.PathLike, model: nn.Module) -> tuple[dict, dic
         hint = " (only pickle adapter_model.bin found; l2v loads safetensors only)" \
             if (folder / "adapter_model.bin").is_file() else ""
         raise FileNotFoundError(f"{weights_path}: file not found{hint}")
+    layers = cfg.get("layers_to_transform")
+    layers = [layers] if isinstance(layers, int) else layers
+    if cfg.get("layers_pattern") not in (None, "layers", ["layers"]):
+        raise ValueError(f"{cfg_path}: unsupported layers_pattern {cfg['layers_pattern']!r} (l2v's layers are 'layers')")
     linears = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear))}
+    targets = cfg.get("target_modules") or []
+    if isinstance(targets, str):  # peft's regex form: the tensors decide what is adapted
+        targets = []
+    unknown = sorted(set(targets) - {n.rpartition(".")[2] for n in linears})
+    if unknown:
+        raise ValueError(f"{cfg_path}: target module(s) {unknown} match no linear layer of the model")
+    try:
+        tensors = load_file(weights_path)
+    except Exception as e:  # safetensors raises its own error type for truncated or garbled files
+        raise ValueError(f"{weights_path}: cannot be read as safetensors ({e})") from None
     found, unexpected = {}, []
-    for key, t in load_file(weights_path).items():
+    for key, t in tensors.items():
         # base_model.model.[model.]<path>.lora_<A|B>[.default].weight; `model.` when saved from *ForCausalLM.
         m = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])(?:\.default)?\.weight", key)
         path = m and (m[1] if m[1] in linears else m[1].removeprefix("model."))
@@ -240,6 +271,10 @@ def read_adapter(folder: str | os.PathLike, model: nn.Module) -> tuple[dict, dic
             continue
         if m[2] in found.setdefault(path, {}):
             raise ValueError(f"{weights_path}: two tensors map to {path}.lora_{m[2]} (second: {key!r})")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{weights_path}: tensor {key!r} has NaN or infinite values")
+        if layers is not None and layer_of(path) not in layers:
+            raise ValueError(f"{weights_path}: tensor {key!r} is for a layer outside layers_to_transform {layers}")
         found[path][m[2]] = t
     if unexpected:
         raise ValueError(f"{weights_path}: {len(unexpected)} key(s) match no linear layer of the model: "
@@ -275,14 +310,12 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, merge: bool = True
     rslora = bool(cfg.get("use_rslora", False))
     dropout = float(cfg.get("lora_dropout", 0.0) or 0.0)
     for path, d in found.items():
-        lin = model.get_submodule(path)
-        lora = LoRALinear(lin, d["r"], d["alpha"], dropout, rslora)
+        lora = LoRALinear(model.get_submodule(path), d["r"], d["alpha"], dropout, rslora)
         lora.lora_A.weight.copy_(d["A"])
         lora.lora_B.weight.copy_(d["B"])
-        if merge:
-            lin.weight.copy_(lin.weight.float() + lora.delta_weight())
-        else:
-            _set_module(model, path, lora)
-    if not merge:
+        _set_module(model, path, lora)
+    if merge:
+        merge_lora(model, found)
+    else:
         freeze_all_but_lora(model)
     return sorted(found)

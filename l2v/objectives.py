@@ -21,32 +21,24 @@ def num_targets(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != -100).sum()
 
 
-def mntp_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
+def mntp_loss(hidden: torch.Tensor, labels: torch.Tensor, head_weight: torch.Tensor,
               normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
-    """Masked next-token prediction loss: sum of float32 cross-entropies / normalizer.
+    """Masked next-token prediction: sum of float32 cross-entropies / normalizer.
 
-    input_ids, labels (B, T); labels = original id at masked positions, -100 elsewhere. The LM head runs
-    only on the ~20% of positions that predict a masked token: with a 49k vocabulary the full (B, T, V)
-    logits would cost more memory than the rest of the step. `model` is an l2v Transformer or a DDP
-    wrapper around one (the head is then taken from `model.module`).
+    hidden (B, T, D) final hidden states; labels (B, T) = original id at masked positions, -100
+    elsewhere; head_weight (V, D) the LM head. The head runs only on the ~20% of positions that
+    predict a masked token: with a 49k vocabulary the full (B, T, V) logits would cost more memory
+    than the rest of the step.
 
-    normalizer: the default (number of scored tokens in THIS batch, `num_targets(labels)`) gives the
-    per-batch mean, right for a single process without accumulation. The caller that accumulates
-    gradients and/or runs DDP must pass the GLOBAL count so that the step's gradient is that of the exact
-    mean over every masked token of the global batch (micro-batches hold different numbers of masked
-    tokens, so averaging per-micro-batch means would weight tokens unequally):
-        n_global = sum of num_targets(labels) over this rank's micro-batches of the step,
-                   then dist.all_reduce(n_global, SUM) over ranks
-        normalizer = n_global / world_size   # DDP AVERAGES gradients over ranks: undo its 1/world_size
-    and simply sum (not average) the micro-batch losses' gradients. The returned value then is this
-    micro-batch's share of the global mean x world_size; for logging, all-reduce-sum the detached
-    losses and divide by world_size.
+    normalizer: the default (the number of scored tokens in THIS batch) gives the per-batch mean.
+    With gradient accumulation and/or DDP pass the GLOBAL count instead, so that the step's gradient
+    is that of the exact mean over every masked token of the global batch (micro-batches hold
+    different numbers of masked tokens): sum `num_targets` over this rank's micro-batches, all-reduce
+    over ranks, and divide by the world size, since DDP averages gradients over ranks.
     """
-    hidden = model(input_ids, attention_mask=attention_mask)  # (B, T, D)
-    head = model.logits if hasattr(model, "logits") else model.module.logits
     targets = labels[:, 1:]  # (B, T-1): the label predicted by each output position 0..T-2
     sel = targets != -100
-    logits = head(hidden[:, :-1][sel]).float()  # (N, V), N = number of scored tokens
+    logits = F.linear(hidden[:, :-1][sel], head_weight).float()  # (N, V), N = number of scored tokens
     loss = F.cross_entropy(logits, targets[sel], reduction="sum")
     if normalizer is None:
         normalizer = sel.sum().clamp(min=1)

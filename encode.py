@@ -21,12 +21,13 @@ text that has none of its own; the instruction is attended to but not pooled.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from eval import check_out_file, positive_int
+from l2v.data import field, read_records
 from l2v.encoder import CHAT_TEMPLATES, POOLING_MODES, Encoder
 
 REPO = Path(__file__).resolve().parent
@@ -45,30 +46,13 @@ SEED_DOCUMENTS = [
 
 def read_inputs(path: Path, instruction: str) -> list:
     """.txt: one text per line; .jsonl: one {"text", optional "instruction"} object per line."""
-    if not path.is_file():
-        sys.exit(f"encode.py: error: {path}: file not found")
     if path.suffix not in (".txt", ".jsonl"):
-        sys.exit(f"encode.py: error: {path}: expected a .txt or .jsonl file")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            if path.suffix == ".txt":
-                out.append((instruction, line))
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                sys.exit(f"encode.py: error: {path}:{lineno}: malformed JSON: {e.msg}")
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                sys.exit(f'encode.py: error: {path}:{lineno}: expected an object with a string "text"')
-            inst = obj.get("instruction", instruction)
-            if not isinstance(inst, str):
-                sys.exit(f'encode.py: error: {path}:{lineno}: "instruction" must be a string')
-            out.append((inst, obj["text"]))
-    return out
+        raise ValueError(f"--file {path}: expected a .txt or .jsonl file")
+    inputs = [(field(item, where, "instruction", instruction), field(item, where, "text"))
+              for where, item in read_records(path)]
+    if not inputs:
+        raise ValueError(f"--file {path}: no texts (the file is empty or holds only blank lines)")
+    return inputs
 
 
 def as_input(instruction: str, text: str):
@@ -106,18 +90,31 @@ def main(argv=None):
     p.add_argument("--adapter", type=Path, action="append", default=[],
                    help="PEFT adapter folder, merged in order (repeatable)")
     p.add_argument("--pooling", choices=POOLING_MODES, help="default: llm2vec_config.json, else mean")
-    p.add_argument("--max-length", type=int, help="token limit of instruction + text (default 512)")
+    p.add_argument("--prompt", help="template around each text with one {text} slot (e.g. PromptEOL)")
+    p.add_argument("--max-length", type=positive_int, help="token limit of instruction + text (default 512)")
     p.add_argument("--chat-template", choices=sorted(CHAT_TEMPLATES) + ["auto"],
                    help="wrap inputs in a chat turn (off by default)")
     p.add_argument("--causal", action="store_true", help="keep causal attention (default: bidirectional)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype")
-    p.add_argument("--autocast", action="store_true",
-                   help="bf16 matmuls over float32 weights (closer to float32 than --dtype bfloat16)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--autocast", default="auto", choices=["auto", "bfloat16", "none"],
+                   help="bf16 matmuls over float32 weights; auto: where bf16 is fast (GPUs, AVX512-BF16/AMX CPUs)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N")
+    p.add_argument("--max-batch-tokens", type=positive_int, default=8192,
+                   help="tokens per forward pass (texts are packed; lower it if memory runs out)")
     p.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings")
     p.add_argument("--out", type=Path, help="write a float32 [N, dim] .npy here (input order)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     args = p.parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, OSError, TypeError) as e:
+        if args.debug:
+            raise
+        print(f"encode.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
+
+def run(args):
     seed = not args.text and args.file is None
     if seed:
         inputs = [(SEED_INSTRUCTION, q) for q in SEED_QUERIES] + list(SEED_DOCUMENTS)
@@ -126,20 +123,20 @@ def main(argv=None):
         if args.file is not None:
             inputs += [as_input(i, t) for i, t in read_inputs(args.file, args.instruction)]
     if len(inputs) > MAX_PRINTED and args.out is None:
-        p.error(f"{len(inputs)} texts: too many to print a similarity matrix; pass --out FILE.npy")
-
+        raise ValueError(f"--out: {len(inputs)} texts are too many to print a similarity matrix; pass --out FILE.npy")
+    if args.out is not None:
+        check_out_file(args.out, "--out", ".npy")
     model_dir = args.model or DEMO_MODEL
-    if not (model_dir / "config.json").is_file():
-        hint = "build it with `python scripts/build_demo_model.py`" if args.model is None else "expected an HF-layout folder"
-        sys.exit(f"encode.py: error: no model at {model_dir} ({hint})")
-    try:
-        enc = Encoder.from_pretrained(model_dir, adapters=args.adapter, is_causal=args.causal, dtype=args.dtype,
-                                      pooling=args.pooling, max_length=args.max_length, chat_template=args.chat_template,
-                                      autocast="bfloat16" if args.autocast else None)
-        emb = enc.encode(inputs, batch_size=args.batch_size, normalize=args.normalize,
-                         show_progress=len(inputs) > MAX_PRINTED)
-    except (ValueError, FileNotFoundError, TypeError) as e:
-        sys.exit(f"encode.py: error: {e}")
+    if args.model is None and not (model_dir / "config.json").is_file():
+        raise ValueError(f"{model_dir}: no demo model (build it with `python scripts/build_demo_model.py`)")
+    enc = Encoder.from_pretrained(model_dir, adapters=args.adapter, is_causal=args.causal, dtype=args.dtype,
+                                  pooling=args.pooling, max_length=args.max_length, prompt=args.prompt,
+                                  chat_template=args.chat_template, device=args.device, autocast=args.autocast,
+                                  check_inputs=inputs)
+    for folder in args.adapter:
+        print(f"merged adapter {folder}")
+    emb = enc.encode(inputs, max_batch_tokens=args.max_batch_tokens, normalize=args.normalize,
+                     show_progress=len(inputs) > MAX_PRINTED)
 
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -149,7 +146,7 @@ def main(argv=None):
         return emb
     texts = [x if isinstance(x, str) else x[1] for x in inputs]
     attn = "causal" if args.causal else "bidirectional"
-    precision = args.dtype + (" + bf16 autocast" if args.autocast else "")
+    precision = args.dtype + (" + bf16 autocast" if enc.autocast else "")
     print(f"model {model_dir} ({attn}, {enc.pooling} pooling, {precision}), dim {emb.shape[1]}")
     if seed:
         print(f"seed example: queries with the instruction {SEED_INSTRUCTION!r} vs documents; cosine similarity")

@@ -30,8 +30,11 @@ def test_read_txt_keeps_headings_and_leading_spaces_skips_blanks(tmp_path):
 
 def test_read_json_list_and_jsonl(tmp_path):
     p = tmp_path / "a.json"
-    p.write_text(json.dumps(["first", {"text": "second", "id": 3}, "  "]))
+    p.write_text(json.dumps(["first", {"text": "second", "id": 3}]))
     assert read_texts(p) == ["first", "second"]
+    p.write_text(json.dumps(["first", "  "]))
+    with pytest.raises(ValueError, match=rf"{p}\[1\]: the text is empty"):
+        read_texts(p)
     p = tmp_path / "a.jsonl"
     p.write_text('{"text": "one"}\n\n"two"\n{"text": "three", "x": 1}\n')
     assert read_texts(p) == ["one", "two", "three"]
@@ -70,7 +73,7 @@ def test_read_triples(tmp_path):
     assert got[0] == rows[0]
     assert got[1] == dict(rows[1], instruction="")
     p.write_text(json.dumps(rows[0]) + "\n" + json.dumps(dict(query="q", positive="p")) + "\n")
-    with pytest.raises(ValueError, match=rf"{p}:2: missing field\(s\) negative"):
+    with pytest.raises(ValueError, match=rf"{p}:2: object has no \"negative\""):
         read_triples(p)
     p.write_text("")
     with pytest.raises(ValueError, match="no records"):

@@ -1,6 +1,5 @@
-"""l2v.evaluate: metrics against hand-computed values (and scipy), readers on tiny fixtures (the format
+"""l2v.evaluate and eval.py: metrics against hand-computed values (and scipy), readers on tiny fixtures (the format
 pitfalls of ../shared/data/README.md), end-to-end scoring with a fake encoder, counts on the real files."""
-import importlib.util
 import json
 import math
 import zlib
@@ -8,7 +7,8 @@ import zlib
 import numpy as np
 import pytest
 
-from conftest import DATA, ROOT
+import eval as harness
+from conftest import DATA
 from l2v import evaluate as ev
 
 
@@ -18,7 +18,7 @@ class HashEncoder:
     def __init__(self, dim=1024):
         self.dim, self.calls = dim, []
 
-    def encode(self, inputs, batch_size=32, show_progress=False):
+    def encode(self, inputs, show_progress=False, **kw):
         self.calls.append(list(inputs))
         out = np.zeros((len(inputs), self.dim), dtype=np.float32)
         for i, x in enumerate(inputs):
@@ -108,13 +108,13 @@ def test_read_sick(tmp_path):
               "pair_ID\tsentence_A\tsentence_B\trelatedness_score\tentailment_judgment\r\n"
               "4\tThe boys play\tNo boy plays\t3.6\tCONTRADICTION\r\n"
               "24\tA person rides\tA skilled person rides\t4.5\tNEUTRAL\r\n")
-    s1, s2, gold = ev.read_sick(p)
+    s1, s2, gold = harness.read_sick(p)
     assert s1 == ["The boys play", "A person rides"] and s2[1] == "A skilled person rides"
     assert gold.tolist() == [3.6, 4.5]
     with pytest.raises(ValueError, match=r"x.txt:1: header lacks column\(s\) \['relatedness_score'\]"):
-        ev.read_sick(write(tmp_path / "x.txt", "pair_ID\tsentence_A\tsentence_B\n1\ta\tb\n"))
+        harness.read_sick(write(tmp_path / "x.txt", "pair_ID\tsentence_A\tsentence_B\n1\ta\tb\n"))
     with pytest.raises(ValueError, match=r"y.txt:3: relatedness_score"):
-        ev.read_sick(write(tmp_path / "y.txt", "sentence_A\tsentence_B\trelatedness_score\na\tb\t1\na\tb\t?\n"))
+        harness.read_sick(write(tmp_path / "y.txt", "sentence_A\tsentence_B\trelatedness_score\na\tb\t1\na\tb\t?\n"))
 
 
 def test_read_sts_year_drops_unscored_and_reads_sts16(tmp_path):
@@ -124,28 +124,28 @@ def test_read_sts_year_drops_unscored_and_reads_sts16(tmp_path):
     write(d / "STS.input.a.txt", "a1\ta2\n")
     write(d / "STS.gs.a.txt", "5.000\n")
     write(d / "00-readme.txt", "not data\n")
-    s1, s2, gold = ev.read_sts_year(d)
+    s1, s2, gold = harness.read_sts_year(d)
     assert s1 == ["a1", "b1", "b5"] and s2 == ["a2", "b2", "b6"] and gold.tolist() == [5.0, 4.2, 1.0]
 
     d16 = tmp_path / "STS16-en-test"
     write(d16 / "STS2016.input.headlines.txt", "h1\th2\tsource 1\tsource 2\nh3\th4\tsrc\tsrc\n")
     write(d16 / "STS2016.gs.headlines.txt", "\n3\n")
-    assert ev.read_sts_year(d16) == (["h3"], ["h4"], pytest.approx(np.array([3.0])))
+    assert harness.read_sts_year(d16) == (["h3"], ["h4"], pytest.approx(np.array([3.0])))
 
 
 def test_read_sts_year_errors(tmp_path):
     d = tmp_path / "y"
     with pytest.raises(FileNotFoundError, match="folder not found"):
-        ev.read_sts_year(d)
+        harness.read_sts_year(d)
     write(d / "STS.gs.a.txt", "1\n2\n")
     with pytest.raises(FileNotFoundError, match="STS.input.a.txt"):
-        ev.read_sts_year(d)
+        harness.read_sts_year(d)
     write(d / "STS.input.a.txt", "x\ty\n")
     with pytest.raises(ValueError, match="has 1 lines but .*STS.gs.a.txt has 2"):
-        ev.read_sts_year(d)
+        harness.read_sts_year(d)
     write(d / "STS.input.a.txt", "x\ty\nno tab here\n")
     with pytest.raises(ValueError, match=r"STS.input.a.txt:2: expected >= 2"):
-        ev.read_sts_year(d)
+        harness.read_sts_year(d)
 
 
 def beir_folder(root, header):
@@ -161,7 +161,7 @@ def beir_folder(root, header):
 
 @pytest.mark.parametrize("header", [True, False])
 def test_read_beir(tmp_path, header):
-    corpus, queries, qrels = ev.read_beir(beir_folder(tmp_path, header))
+    corpus, queries, qrels = harness.read_beir(beir_folder(tmp_path, header))
     assert corpus == {"d1": "Paris capital of France", "d2": "a page on bread", "d3": "no title key"}
     assert queries == {"q1": "french capital", "q2": "bread"}
     assert qrels == {"q1": {"d1": 2, "d3": 0}, "q2": {"d2": 1}}
@@ -171,19 +171,19 @@ def test_read_beir_errors(tmp_path):
     root = beir_folder(tmp_path, header=True)
     write(root / "queries.jsonl", '{"_id": "q1", "text": "ok"}\n{"_id": "q2", "text": \n')
     with pytest.raises(ValueError, match=r"queries.jsonl:2: malformed JSON"):
-        ev.read_beir(root)
+        harness.read_beir(root)
     write(root / "queries.jsonl", '{"id": "q1", "text": "ok"}\n')
     with pytest.raises(ValueError, match=r"queries.jsonl:1: expected an object with '_id'"):
-        ev.read_beir(root)
+        harness.read_beir(root)
     write(root / "queries.jsonl", '{"_id": "q1", "text": "ok"}\n')
     write(root / "qrels" / "test.tsv", "q1\td1\t1\nq1\td2\tx\n")  # a non-integer score past line 1
     with pytest.raises(ValueError, match=r"test.tsv:2: score 'x'"):
-        ev.read_beir(root)
+        harness.read_beir(root)
     write(root / "qrels" / "test.tsv", "q1 d1 1\n")
     with pytest.raises(ValueError, match=r"test.tsv:1: expected 3 tab-separated"):
-        ev.read_beir(root)
+        harness.read_beir(root)
     with pytest.raises(FileNotFoundError, match="dev.tsv"):
-        ev.read_beir(root, split="dev")
+        harness.read_beir(root, split="dev")
 
 
 CRAN_DOCS = """.I 1
@@ -229,28 +229,28 @@ def test_read_cranfield_positional_queries_and_codes(tmp_path):
     write(tmp_path / "cran.all.1400", CRAN_DOCS)
     write(tmp_path / "cran.qry", CRAN_QRY)
     write(tmp_path / "cranqrel", "1 1 2\n1 3 -1\n2 3 1 \n2 1 4\n")  # query 2 = the one with .I 004
-    corpus, queries, qrels = ev.read_cranfield(tmp_path)
+    corpus, queries, qrels = harness.read_cranfield(tmp_path)
     assert corpus == {"1": "flow over a wing . lift and drag of a wing in a slipstream .", "2": "",
                       "3": "heat transfer . the heat flux at the wall . stray marker: this line is still abstract text ."}
     assert queries == {"1": "wing lift in a slipstream", "2": "heat flux at a wall"}
     assert qrels == {"1": {"1": 3, "3": 0}, "2": {"3": 4, "1": 1}}  # gain = 5 - code, -1 -> 0
-    assert ev.read_cranfield(tmp_path, graded=False)[2] == {"1": {"1": 1, "3": 0}, "2": {"3": 1, "1": 1}}
+    assert harness.read_cranfield(tmp_path, graded=False)[2] == {"1": {"1": 1, "3": 0}, "2": {"3": 1, "1": 1}}
 
     write(tmp_path / "cranqrel", "1 1 2\n3 1 1\n")
     with pytest.raises(ValueError, match=r"cranqrel:2: query number 3 outside 1..2"):
-        ev.read_cranfield(tmp_path)
+        harness.read_cranfield(tmp_path)
     write(tmp_path / "cranqrel", "1 1 7\n")
     with pytest.raises(ValueError, match=r"cranqrel:1: unknown Cranfield relevance code 7"):
-        ev.read_cranfield(tmp_path)
+        harness.read_cranfield(tmp_path)
     write(tmp_path / "cranqrel", "1 1\n")
     with pytest.raises(ValueError, match=r"cranqrel:1: expected 3 integers"):
-        ev.read_cranfield(tmp_path)
+        harness.read_cranfield(tmp_path)
     write(tmp_path / "cran.qry", "wing lift\n.I 1\n.W\nx\n")
     with pytest.raises(ValueError, match=r"cran.qry:1: text outside"):
-        ev.read_cranfield(tmp_path)
+        harness.read_cranfield(tmp_path)
     write(tmp_path / "cran.qry", ".I\n.W\nx\n")
     with pytest.raises(ValueError, match=r"cran.qry:1: malformed record header"):
-        ev.read_cranfield(tmp_path)
+        harness.read_cranfield(tmp_path)
 
 # ---------------------------------------------------------------- end to end with a fake encoder
 
@@ -274,7 +274,7 @@ def test_evaluate_retrieval_end_to_end():
     queries = {"q1": "topic3 word3", "q2": "topic7", "q3": "topic9 word9 topic10", "q_unjudged": "topic1"}
     qrels = {"q1": {"d3": 2, "d4": 0}, "q2": {"d7": 1}, "q3": {"d9": 1, "d10": 2}}
     enc = HashEncoder()
-    r = ev.evaluate_retrieval(enc, corpus, queries, qrels, query_instruction="Find it:", batch_size=4)
+    r = ev.evaluate_retrieval(enc, corpus, queries, qrels, query_instruction="Find it:")
     assert r["n"] == 3  # q_unjudged has no relevant doc: skipped
     assert enc.calls[0] == [("Find it:", "topic3 word3"), ("Find it:", "topic7"), ("Find it:", "topic9 word9 topic10")]
     assert len(enc.calls[1]) == 30 and all(isinstance(x, str) for x in enc.calls[1])
@@ -288,14 +288,16 @@ def test_run_task_and_registry(tmp_path):
     write(tmp_path / "stsbenchmark" / "sts-dev.csv",
           "".join(f"g\tf\ty\t{i}\t{5 - i}\ta b c d\t{s}\n"
                   for i, s in enumerate(["a b c d", "a b c x", "a b y x", "a z y x", "w z y x"])))
-    r = ev.run_task(HashEncoder(), "stsb-dev", tmp_path)
+    r = harness.run_task(HashEncoder(), "stsb-dev", harness.TASKS["stsb-dev"].load(tmp_path))
     assert r["task"] == "stsb-dev" and r["n"] == 5 and r["scores"]["spearman"] == pytest.approx(100.0)
-    assert ev.resolve_tasks("dev, stsb-dev,cranfield") == ["stsb-dev", "sick-r-trial", "cranfield"]
-    assert ev.resolve_tasks("sts") == ["stsb-test", "sick-r-test", "sts12", "sts13", "sts14", "sts15", "sts16"]
+    assert harness.resolve_tasks("dev, stsb-dev,cranfield") == ["stsb-dev", "sick-r-trial", "cranfield"]
+    assert harness.resolve_tasks("sts") == ["stsb-test", "sick-r-test", "sts12", "sts13", "sts14", "sts15", "sts16"]
     with pytest.raises(ValueError, match="unknown task 'stsb'"):
-        ev.resolve_tasks("stsb")
+        harness.resolve_tasks("stsb")
+    with pytest.raises(ValueError, match="unknown task ''"):
+        harness.resolve_tasks("")
     with pytest.raises(FileNotFoundError, match="sick"):
-        ev.run_task(HashEncoder(), "sick-r-trial", tmp_path)
+        harness.TASKS["sick-r-trial"].load(tmp_path)
 
 
 def test_eval_cli_with_fake_encoder(tmp_path, monkeypatch, capsys):
@@ -305,7 +307,7 @@ def test_eval_cli_with_fake_encoder(tmp_path, monkeypatch, capsys):
     calls = {}
 
     class FakeEncoder(HashEncoder):
-        pooling = "mean"
+        pooling, autocast = "mean", None
 
         @classmethod
         def from_pretrained(cls, model_dir, **kw):
@@ -313,11 +315,8 @@ def test_eval_cli_with_fake_encoder(tmp_path, monkeypatch, capsys):
             return cls()
 
     monkeypatch.setattr(l2v.encoder, "Encoder", FakeEncoder)
-    spec = importlib.util.spec_from_file_location("eval_cli", ROOT / "eval.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
     out = tmp_path / "res" / "r.json"
-    cli.main(["--model", "M", "--causal", "--adapter", "A1", "--adapter", "A2", "--tasks", "stsb-dev,msmarco-subset",
+    harness.main(["--model", "M", "--causal", "--adapter", "A1", "--adapter", "A2", "--tasks", "stsb-dev,msmarco-subset",
               "--data-dir", str(tmp_path / "data"), "--out", str(out), "--dtype", "bfloat16"])
     assert calls["model_dir"] == "M" and calls["adapters"] == ["A1", "A2"] and calls["is_causal"] is True
     assert calls["dtype"] == "bfloat16"
@@ -338,18 +337,18 @@ real = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data not present"
                                     ("sick-r-test", 4927), ("sts12", 3108), ("sts13", 1500), ("sts14", 3750),
                                     ("sts15", 3000), ("sts16", 1186)])
 def test_real_sts_counts(task, n):
-    s1, s2, gold = ev.TASKS[task].load(DATA)
+    s1, s2, gold = harness.TASKS[task].load(DATA)
     assert len(s1) == len(s2) == len(gold) == n
     assert all(s1) and all(s2) and np.isfinite(gold).all()
 
 
 @real
 def test_real_retrieval_counts():
-    corpus, queries, qrels = ev.TASKS["cranfield"].load(DATA)
+    corpus, queries, qrels = harness.TASKS["cranfield"].load(DATA)
     assert len(corpus) == 1400 and len(queries) == 225 and len(qrels) == 225
     assert sum(len(v) for v in qrels.values()) == 1837
     assert all(any(g > 0 for g in v.values()) for v in qrels.values())
     assert queries["3"].startswith("what problems of heat conduction")  # .I 004 is the 3rd query
     for name, n_judged in [("msmarco-subset", 43), ("dbpedia-subset", 40)]:
-        corpus, queries, qrels = ev.TASKS[name].load(DATA)
+        corpus, queries, qrels = harness.TASKS[name].load(DATA)
         assert len(corpus) == 5000 and len(queries) == 50 and len(qrels) == n_judged

@@ -102,7 +102,7 @@ def test_only_lora_parameters_train(base_dir):
             assert not p.requires_grad and p.grad is None, name
     with pytest.raises(ValueError, match="already has LoRA"):
         add_lora(model)
-    with pytest.raises(ValueError, match="no nn.Linear named"):
+    with pytest.raises(ValueError, match="match no linear layer"):
         add_lora(load_model(base_dir), targets=("nope",))
 
 

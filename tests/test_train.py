@@ -9,42 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import DATA, REFERENCE, ROOT
-from l2v.checkpoint import load_model, save_model
-from l2v.model import ModelConfig, Transformer
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    src = REFERENCE / "smollm2-135m-instruct"
-    if not (src / "tokenizer.json").is_file():
-        pytest.skip("reference tokenizer not present")
-    folder = tmp_path_factory.mktemp("tiny")
-    cfg = ModelConfig(vocab_size=49152, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
-                      intermediate_size=128, tie_word_embeddings=True, rope_theta=10000.0)
-    torch.manual_seed(0)
-    model = Transformer(cfg)
-    with torch.no_grad():
-        model.embed_tokens.weight.mul_(0.02)
-    save_model(model, folder)
-    for name in TOKENIZER_FILES:
-        shutil.copy(src / name, folder / name)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def text_files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    sentences = [f"Sentence number {i} talks about {w} and the {i % 7} green {w}s."
-                 for i, w in enumerate(["cats", "dogs", "rivers", "mountains", "planes", "songs", "books", "cars"] * 8)]
-    (d / "sents.txt").write_text("\n".join(sentences) + "\n")
-    triples = [{"query": f"what is {w}?", "positive": f"{w} is a thing number {i}.",
-                "negative": f"nothing about item {i}.", "instruction": "Retrieve the answer:"}
-               for i, w in enumerate(["cats", "dogs", "rivers", "planes"] * 4)]
-    (d / "triples.jsonl").write_text("\n".join(json.dumps(t) for t in triples) + "\n")
-    return d
+from conftest import DATA, ROOT
+from l2v.checkpoint import load_model
 
 
 def common_args(model, out, objective, data_dir):
@@ -76,12 +42,12 @@ def adapter(folder):
 
 
 @pytest.mark.parametrize("objective", ["mntp", "simcse"])
-def test_two_process_ddp_equals_one_process(tiny_model, text_files, tmp_path, objective):
+def test_two_process_ddp_equals_one_process(tiny_dir, text_files, tmp_path, objective):
     # No dropout: the two runs must draw identical computations, only split differently. One process
     # does 2 micro-batches of 4 (accumulation); two processes do 1 micro-batch of 2, twice, each.
     extra = ["--max_steps", "3", "--batch_size", "8", "--lora_dropout", "0", "--attention_dropout", "0"]
-    one = run(common_args(tiny_model, tmp_path / "one", objective, text_files) + extra + ["--micro_batch_size", "4"])
-    two = run(common_args(tiny_model, tmp_path / "two", objective, text_files) + extra + ["--micro_batch_size", "2"],
+    one = run(common_args(tiny_dir, tmp_path / "one", objective, text_files) + extra + ["--micro_batch_size", "4"])
+    two = run(common_args(tiny_dir, tmp_path / "two", objective, text_files) + extra + ["--micro_batch_size", "2"],
               nproc=2)
     assert '"world_size": 2' in two.stdout and '"accum": 2' in two.stdout
     l1, l2 = losses(tmp_path / "one"), losses(tmp_path / "two")
@@ -95,12 +61,12 @@ def test_two_process_ddp_equals_one_process(tiny_model, text_files, tmp_path, ob
     assert moved > 0  # the adapters really trained
 
 
-def test_resume_after_kill_is_bitwise_identical(tiny_model, text_files, tmp_path):
-    base = common_args(tiny_model, tmp_path / "full", "mntp", text_files) + [
+def test_resume_after_kill_is_bitwise_identical(tiny_dir, text_files, tmp_path):
+    base = common_args(tiny_dir, tmp_path / "full", "mntp", text_files) + [
         "--max_steps", "6", "--batch_size", "4", "--save_every", "3", "--lora_dropout", "0.1"]
     run(base)
     # The interrupted run stops after step 4; the last checkpoint is step 3, so step 4 is redone.
-    cut = common_args(tiny_model, tmp_path / "cut", "mntp", text_files) + [
+    cut = common_args(tiny_dir, tmp_path / "cut", "mntp", text_files) + [
         "--max_steps", "6", "--batch_size", "4", "--save_every", "3", "--lora_dropout", "0.1"]
     run(cut + ["--stop_after_n_steps", "4"])
     assert (tmp_path / "cut" / "checkpoint-000003" / "trainer_state.pt").is_file()
@@ -113,13 +79,13 @@ def test_resume_after_kill_is_bitwise_identical(tiny_model, text_files, tmp_path
     assert losses(tmp_path / "full")[-1] == losses(tmp_path / "cut")[-1]
 
 
-def test_resume_after_sigkill_is_bitwise_identical(tiny_model, text_files, tmp_path):
+def test_resume_after_sigkill_is_bitwise_identical(tiny_dir, text_files, tmp_path):
     """A real SIGKILL at an arbitrary moment (possibly mid-save), then --resume true."""
     import signal
     import time
     args = ["--max_steps", "8", "--batch_size", "4", "--save_every", "2", "--lora_dropout", "0.1"]
-    run(common_args(tiny_model, tmp_path / "full", "mntp", text_files) + args)
-    killed = common_args(tiny_model, tmp_path / "killed", "mntp", text_files) + args
+    run(common_args(tiny_dir, tmp_path / "full", "mntp", text_files) + args)
+    killed = common_args(tiny_dir, tmp_path / "killed", "mntp", text_files) + args
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *killed], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -134,9 +100,9 @@ def test_resume_after_sigkill_is_bitwise_identical(tiny_model, text_files, tmp_p
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_supervised_objective_and_merge_out(tiny_model, text_files, tmp_path):
+def test_supervised_objective_and_merge_out(tiny_dir, text_files, tmp_path):
     out = tmp_path / "sup"
-    run(common_args(tiny_model, out, "supervised", text_files) + [
+    run(common_args(tiny_dir, out, "supervised", text_files) + [
         "--max_steps", "2", "--batch_size", "4", "--warmup_steps", "1", "--merge_out", str(tmp_path / "merged")])
     cfg = json.loads((out / "final" / "train_config.json").read_text())
     assert cfg["objective"] == "supervised" and cfg["scale"] == 50.0 and cfg["lr"] == 1e-3
@@ -145,14 +111,14 @@ def test_supervised_objective_and_merge_out(tiny_model, text_files, tmp_path):
     assert (tmp_path / "merged" / "tokenizer.json").is_file()
     # The merged folder equals base + adapter applied by l2v's loader.
     from l2v.lora import load_adapter
-    base = load_model(tiny_model)
+    base = load_model(tiny_dir)
     load_adapter(base, out / "final", merge=True)
     ids = torch.randint(20, 1000, (1, 9))
     with torch.no_grad():
         torch.testing.assert_close(merged(ids), base(ids), atol=1e-5, rtol=0)
 
 
-def test_bad_config_key_and_value(tiny_model, text_files, tmp_path):
+def test_bad_config_key_and_value(tiny_dir, text_files, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"objective": "mntp", "learning_rate": 1}))
     res = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(bad)], capture_output=True,

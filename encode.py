@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from eval import check_out_file, positive_int
+from eval import check_out_file, fail, positive_int
 from l2v.data import field, read_records
 from l2v.encoder import CHAT_TEMPLATES, POOLING_MODES, Encoder
 
@@ -44,15 +44,16 @@ SEED_DOCUMENTS = [
 ]
 
 
-def read_inputs(path: Path, instruction: str) -> list:
-    """.txt: one text per line; .jsonl: one {"text", optional "instruction"} object per line."""
+def read_inputs(path: Path, instruction: str) -> tuple[list, list[str]]:
+    """.txt: one text per line; .jsonl: one {"text", optional "instruction"} object per line.
+    Returns the (instruction, text) pairs and where each comes from ("file:line")."""
     if path.suffix not in (".txt", ".jsonl"):
         raise ValueError(f"--file {path}: expected a .txt or .jsonl file")
-    inputs = [(field(item, where, "instruction", instruction), field(item, where, "text"))
-              for where, item in read_records(path)]
-    if not inputs:
+    records = read_records(path)
+    if not records:
         raise ValueError(f"--file {path}: no texts (the file is empty or holds only blank lines)")
-    return inputs
+    return ([(field(item, where, "instruction", instruction), field(item, where, "text")) for where, item in records],
+            [where for where, _ in records])
 
 
 def as_input(instruction: str, text: str):
@@ -104,14 +105,12 @@ def main(argv=None):
     p.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings")
     p.add_argument("--out", type=Path, help="write a float32 [N, dim] .npy here (input order)")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    p.error = lambda message: fail("encode.py", f"{message} (see --help)")  # one line, no usage block
     args = p.parse_args(argv)
     try:
         return run(args)
     except (ValueError, OSError, TypeError) as e:
-        if args.debug:
-            raise
-        print(f"encode.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail("encode.py", e, args.debug)
 
 
 def run(args):
@@ -119,9 +118,14 @@ def run(args):
     if seed:
         inputs = [(SEED_INSTRUCTION, q) for q in SEED_QUERIES] + list(SEED_DOCUMENTS)
     else:
-        inputs = [as_input(args.instruction, t) for t in args.text]
+        pairs, sources = [(args.instruction, t) for t in args.text], [f"--text #{i + 1}" for i in range(len(args.text))]
         if args.file is not None:
-            inputs += [as_input(i, t) for i, t in read_inputs(args.file, args.instruction)]
+            more, where = read_inputs(args.file, args.instruction)
+            pairs, sources = pairs + more, sources + where
+        for (_, text), source in zip(pairs, sources):
+            if not text.strip():
+                raise ValueError(f"{source}: the text is empty")
+        inputs = [as_input(i, t) for i, t in pairs]
     if len(inputs) > MAX_PRINTED and args.out is None:
         raise ValueError(f"--out: {len(inputs)} texts are too many to print a similarity matrix; pass --out FILE.npy")
     if args.out is not None:

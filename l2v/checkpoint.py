@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from torch import nn
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from .model import ModelConfig, Transformer
 
@@ -43,21 +45,17 @@ def resolve_device(device="auto") -> torch.device:
     return device
 
 
-def fast_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls beat float32 here: on GPUs, and CPUs with AVX512-BF16 or AMX. Without
-    them (AVX2-only CPUs) oneDNN falls back to a reference kernel hundreds of times slower."""
-    if device.type != "cpu":
-        return True
-    return any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-
-
 def resolve_autocast(autocast, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for "auto" | "none" | a dtype name on this device; None = off."""
+    """The autocast dtype for "auto" | "none" | a dtype name on this device; None = off. "auto" is bf16
+    where bf16 matmuls beat float32: GPUs, and CPUs with AVX512-BF16 or AMX; on others (AVX2) oneDNN
+    falls back to a reference kernel hundreds of times slower."""
     if autocast in (None, "none"):
         return None
-    if autocast == "auto":
-        return torch.bfloat16 if fast_bf16(device) else None
-    return resolve_dtype(autocast)
+    if autocast != "auto":
+        return resolve_dtype(autocast)
+    fast = device.type != "cpu" or any(getattr(torch.cpu, f, lambda: False)() for f in
+                                       ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return torch.bfloat16 if fast else None
 
 
 def read_json(path: str | os.PathLike) -> dict:
@@ -74,7 +72,10 @@ def read_json(path: str | os.PathLike) -> dict:
 
 def load_config(folder: str | os.PathLike) -> ModelConfig:
     path = Path(folder) / "config.json"
-    return ModelConfig.from_hf(read_json(path), source=str(path))
+    hf = read_json(path)
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path}: expected a JSON object, got a {type(hf).__name__}")
+    return ModelConfig.from_hf(hf, source=str(path))
 
 
 def hf_key_to_l2v(key: str) -> str:
@@ -85,75 +86,36 @@ def l2v_key_to_hf(key: str) -> str:
     return key if key.startswith("lm_head.") else "model." + key
 
 
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                     "U8": torch.uint8, "BOOL": torch.bool}
+GROUP_ELEMENTS = 16_000_000  # tensors read per file opening: bounds the mapped pages held at once
 
 
-CHUNK_BYTES = 8 << 20  # a cast reads through a buffer this small, so it stays in cache and adds no copy
+def _read_group(path: Path, names: list[str], dtype: torch.dtype) -> list[torch.Tensor]:
+    with safe_open(path, framework="pt") as f:
+        return [t.to(dtype) if t.is_floating_point() else t for t in map(f.get_tensor, names)]
 
 
-def _read_exact(fd: int, view: memoryview, offset: int) -> int:
-    """pread until `view` is full or the file ends; returns the bytes read (no GIL held while reading)."""
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:
-            break
-        done += n
-    return done
+def read_safetensors(path: Path, dtype: torch.dtype):
+    """Yield (name, tensor cast to `dtype`) from a .safetensors file; integer tensors keep theirs.
 
-
-def _read_tensor(fd: int, path: Path, name: str, info: dict, start: int, dtype: torch.dtype) -> torch.Tensor:
-    src = SAFETENSORS_DTYPES[info["dtype"]]
-    a, b = info["data_offsets"]
-    out = torch.empty(info["shape"], dtype=dtype if dtype.is_floating_point == src.is_floating_point else src)
-    if out.numel() * src.itemsize != b - a:
-        raise ValueError(f"{path}: tensor {name!r}: {b - a} bytes for shape {info['shape']} of {info['dtype']}")
-    flat = out.view(-1)
-    if out.dtype == src:  # same dtype: read straight into the result
-        got = _read_exact(fd, memoryview(flat.view(torch.uint8).numpy()), start + a)
-    else:  # cast chunk by chunk: never holds a second full-size copy
-        buf = torch.empty(min(CHUNK_BYTES, b - a), dtype=torch.uint8)
-        view, per, got = memoryview(buf.numpy()), len(buf) // src.itemsize, 0
-        for i in range(0, out.numel(), per):
-            k = min(per, out.numel() - i)
-            n = _read_exact(fd, view[:k * src.itemsize], start + a + got)
-            got += n
-            if n != k * src.itemsize:
-                break
-            flat[i:i + k].copy_(buf[:n].view(src))
-    if got != b - a:
-        raise ValueError(f"{path}: file is truncated (tensor {name!r} ends past the end)")
-    return out
-
-
-def read_safetensors(path: Path, dtype: torch.dtype, threads: int | None = None):
-    """Yield (name, tensor cast to `dtype`) from a .safetensors file, in file order.
-
-    Positional reads instead of a memory map: mapped pages count towards the process's resident
-    memory until unmapped, so casting a mapped bf16 file to float32 held both copies (1.5x the
-    weights). Here the peak is the weights plus one small buffer per reader thread. Reads and casts
-    release the GIL, so a few threads overlap them.
-    Integer tensors keep their dtype.
-    """
-    with open(path, "rb") as f:
-        try:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
-            header.pop("__metadata__", None)
-            items = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
-            for name, info in items:
-                if info["dtype"] not in SAFETENSORS_DTYPES:
-                    raise ValueError(f"tensor {name!r} has unsupported dtype {info['dtype']}")
-        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"{path}: not a safetensors file (bad header: {e})") from None
-        start, fd = 8 + n, f.fileno()
-        threads = threads or min(4, max(1, torch.get_num_threads()))
-        with ThreadPoolExecutor(threads) as pool:
-            jobs = [pool.submit(_read_tensor, fd, path, name, info, start, dtype) for name, info in items]
-            for (name, _), job in zip(items, jobs):
-                yield name, job.result()
+    The file is opened once per group of tensors rather than once: its mapped pages count towards the
+    process's memory until it is closed, so casting a whole mapped bf16 file to float32 held both
+    copies. Two threads overlap one group's reads with another's casts (docs/performance.md)."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            names = list(f.keys())
+            sizes = [math.prod(f.get_slice(n).get_shape()) for n in names]
+        groups, size = [[]], 0
+        for name, n in zip(names, sizes):
+            if groups[-1] and size + n > GROUP_ELEMENTS:
+                groups.append([])
+                size = 0
+            groups[-1].append(name)
+            size += n
+        with ThreadPoolExecutor(2) as pool:
+            for group, tensors in zip(groups, pool.map(lambda g: _read_group(path, g, dtype), groups)):
+                yield from zip(group, tensors)
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def weight_files(folder: str | os.PathLike) -> list[Path]:

@@ -125,13 +125,9 @@ def read_triples(path: str | os.PathLike) -> list[dict]:
 
 
 def mntp_blocks(tokenizer, texts: Sequence[str], block_size: int, chunk: int = 10_000) -> torch.Tensor:
-    """Tokenize each text, concatenate everything, drop the remainder, cut into (N, block_size) blocks.
-
-    As run_mntp.py's `group_texts`: each line is tokenized on its own with the tokenizer's own special
-    tokens (none for SmolLM2; a BOS per line for Llama-2-style tokenizers), nothing else is inserted, and
-    blocks cross line and article boundaries. One difference: upstream concatenates and drops the
-    remainder per `datasets.map` batch of 1000 lines; we do it once over the whole corpus.
-    """
+    """Tokenize each text (with the tokenizer's own special tokens), concatenate, cut into (N, block_size)
+    blocks across line boundaries, drop the remainder: run_mntp.py's `group_texts`, except that upstream
+    drops a remainder per batch of 1000 lines and l2v once."""
     if block_size < 1:
         raise ValueError(f"block_size must be positive, got {block_size}")
     parts = []
@@ -146,14 +142,9 @@ def mntp_blocks(tokenizer, texts: Sequence[str], block_size: int, chunk: int = 1
 
 
 def mask_token_id(tokenizer, kind: str = "blank") -> int:
-    """Id of the token that replaces masked inputs. None of the Llama/Mistral/SmolLM2 vocabularies has one.
-
-    - "blank": the existing token "_" (upstream's default for Llama-2/3, Mistral; id 79 on SmolLM2).
-    - "eos": the EOS token.
-    - "mask": an existing "<mask>" token only. Upstream adds a new "<mask>" and resizes the embeddings;
-      l2v does not: a new row would be untrained, unsaved by a LoRA-only adapter, and would change the
-      vocabulary size of the published base model.
-    """
+    """The token that replaces masked inputs: "blank" = the existing "_" (upstream's default for Llama,
+    Mistral), or "eos". Upstream can also add a new "<mask>" row to the embeddings; l2v does not: it would
+    be untrained, unsaved by a LoRA-only adapter, and change the published base model's vocabulary."""
     if kind == "blank":
         tid = tokenizer.token_id("_")
         if tid is None:
@@ -163,13 +154,7 @@ def mask_token_id(tokenizer, kind: str = "blank") -> int:
         if tokenizer.eos_id is None:
             raise ValueError('mask token "eos": this tokenizer has no EOS token; use kind="blank"')
         return tokenizer.eos_id
-    if kind == "mask":
-        tid = tokenizer.token_id("<mask>")
-        if tid is None:
-            raise NotImplementedError('mask token "mask": the vocabulary has no "<mask>" token and l2v does not '
-                                      'add one (that needs resizing the embeddings); use "blank" or "eos"')
-        return tid
-    raise ValueError(f"unknown mask token kind {kind!r}: expected blank, eos or mask")
+    raise ValueError(f"unknown mask token kind {kind!r}: expected blank or eos")
 
 
 def mask_tokens(input_ids: torch.Tensor, *, mask_id: int, special_ids: Sequence[int], vocab_size: int,
@@ -196,8 +181,7 @@ def mask_tokens(input_ids: torch.Tensor, *, mask_id: int, special_ids: Sequence[
         eligible[:, 1:] &= real[:, :-1]  # the predicting position t-1 must be a real token too
     eligible[:, 0] = False
 
-    # Draws happen on the generator's device, then move to the ids' device.
-    dev = generator.device if generator is not None else torch.device("cpu")
+    dev = generator.device if generator is not None else torch.device("cpu")  # draws happen there
 
     def rand():
         return torch.rand(ids.shape, generator=generator, device=dev).to(ids.device)
@@ -220,43 +204,29 @@ def mask_tokens(input_ids: torch.Tensor, *, mask_id: int, special_ids: Sequence[
 # Batching
 
 
-def batches(items: int | Sequence, batch_size: int, *, seed: int, epoch: int = 0, rank: int = 0,
-            world_size: int = 1, drop_last: bool = True, shuffle: bool = True,
-            groups: Sequence | None = None) -> Iterator[list[int]]:
-    """One epoch of index batches for this rank, deterministic in (seed, epoch).
-
-    `batch_size` is the GLOBAL batch size. Each global batch is cut into `world_size` contiguous slices
-    and rank r gets slice r, so the union over ranks of step k is exactly the 1-rank batch of step k:
-    a 2-rank run trains on the same global batches (and, with gathered embeddings, the same in-batch
-    negatives) as a 1-rank run.
-
-    `groups` (one label per item, e.g. the source dataset of supervised triples): every global batch
-    draws from one group only, and the order of the batches is shuffled across groups (llm2vec's
-    supervised recipe). drop_last=False keeps a last smaller batch (per group), whose slices may differ
-    in size across ranks: use it for evaluation, not for gathered contrastive training.
-    """
-    n = int(items) if isinstance(items, (int, np.integer)) else len(items)
-    if batch_size < 1 or batch_size % world_size:
-        raise ValueError(f"global batch_size {batch_size} must be a positive multiple of world_size {world_size}")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} not in [0, {world_size})")
+def batches(n: int, batch_size: int, *, seed: int, epoch: int = 0, groups: Sequence | None = None) -> list[list[int]]:
+    """One epoch of GLOBAL batches of indices into n items, deterministic in (seed, epoch) and
+    independent of the world size; the remainder is dropped. `groups` (one label per item, e.g. the
+    source dataset of supervised triples): each batch draws from one group, and the batches' order is
+    shuffled across groups (llm2vec's supervised recipe)."""
     rng = np.random.default_rng([seed, epoch])  # independent streams per (seed, epoch)
-    if groups is None:
-        pools = [np.arange(n)]
-    else:
-        if len(groups) != n:
-            raise ValueError(f"{len(groups)} group labels for {n} items")
-        labels = {}
+    pools = [np.arange(n)]
+    if groups is not None:
+        by_label = {}
         for i, g in enumerate(groups):
-            labels.setdefault(g, []).append(i)
-        pools = [np.asarray(v) for v in labels.values()]  # first-appearance order: deterministic
-    global_batches = []
+            by_label.setdefault(g, []).append(i)
+        pools = [np.asarray(v) for v in by_label.values()]  # first-appearance order: deterministic
+    out = []
     for pool in pools:
-        order = rng.permutation(pool) if shuffle else pool
-        stop = len(order) - len(order) % batch_size if drop_last else len(order)
-        global_batches.extend(order[i:i + batch_size] for i in range(0, stop, batch_size))
-    if groups is not None and shuffle:
-        global_batches = [global_batches[i] for i in rng.permutation(len(global_batches))]
-    for gb in global_batches:
-        # Contiguous slice r of the global batch (np.array_split also covers a short last batch).
-        yield np.array_split(gb, world_size)[rank].tolist()
+        order = rng.permutation(pool)
+        out += [order[i:i + batch_size].tolist() for i in range(0, len(order) - batch_size + 1, batch_size)]
+    return [out[i] for i in rng.permutation(len(out))] if groups is not None else out
+
+
+def micro_batch_positions(batch_size: int, micro: int, rank: int, world: int) -> list[list[int]]:
+    """Positions in the global batch of each of this rank's micro-batches. Accumulation step i covers
+    the contiguous group [i*G, (i+1)*G), G = micro * world, and rank r takes its r-th slice: gathered
+    over ranks, a contrastive micro-batch is then the same group of examples (the same in-batch
+    negatives) whatever the world size, and the union over ranks is the 1-rank global batch."""
+    G = micro * world
+    return [list(range(i * G + rank * micro, i * G + (rank + 1) * micro)) for i in range(batch_size // G)]

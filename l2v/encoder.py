@@ -1,23 +1,17 @@
 """Text -> vector, with upstream LLM2Vec's encoding semantics (llm2vec 0.2.3 `LLM2Vec.encode`).
 
-What one input goes through (see ../shared/reference/oracle/README.md §4 for the reference recipe):
-  1. an input is a plain string or an (instruction, text) pair; a string is the pair ("", text);
-  2. the text is shortened *by words* until it has at most `doc_max_length` tokens (upstream's loop);
-  3. the model sees `instruction.strip() + " " + text` (just `text` when the instruction is empty),
-     cut to `max_length` tokens from the right;
-  4. the embed mask is the LAST n positions of the row, n = the token count of the text tokenized on
-     its own (skip_instruction=True): the model attends to the instruction, pooling skips it;
-  5. pooling over the embed mask: mean | weighted_mean | eos_token | last_token | bos_token.
-
-Deliberate differences from upstream, none of which changes a single text's embedding:
-  - texts are packed: a batch is a few rows of up to `row_tokens` tokens, each row holding several
-    texts that attend only within themselves and whose RoPE positions start at 0 (`Transformer.forward`),
-    so no work goes to padding and a text's embedding does not depend on its neighbours, up to float
-    rounding (upstream left-pads, which moves positions: its results change with the batch size);
+An input is a string or an (instruction, text) pair. The text is shortened *by words* to at most
+`doc_max_length` tokens (upstream's loop); the model sees `instruction.strip() + " " + text`, cut to
+`max_length` tokens; pooling (mean | weighted_mean | eos_token | last_token | bos_token) covers the
+LAST n positions, n = the text's own token count, so the model attends to the instruction but does
+not pool it. Deliberate differences from upstream, none of which changes a single text's embedding:
+  - texts are packed: rows of up to `row_tokens` tokens hold several texts that attend only within
+    themselves and whose RoPE positions start at 0 (`Transformer.forward`), so no work goes to padding
+    and an embedding does not depend on its neighbours, up to rounding (upstream left-pads, which moves
+    positions: its results change with the batch size);
   - an empty text, or an instruction that leaves it no room, is an error (upstream pooled padding);
   - `prompt` (e.g. PromptEOL's 'This sentence : "{text}" means in one word:"') wraps each text;
-  - a chat template is chosen explicitly (`chat_template=`), not by matching the model's hub name, and
-    its tokens always stay outside the embed mask.
+  - a chat template is chosen explicitly, not by the model's hub name, and stays outside the pooling.
 """
 from __future__ import annotations
 
@@ -176,7 +170,7 @@ class Encoder:
 
     def __init__(self, model, tokenizer: Tokenizer, pooling: str = "mean", max_length: int = 512,
                  doc_max_length: int = 400, skip_instruction: bool = True, chat_template: str | None = None,
-                 eos_suffix: str = " </s>", prompt: str | None = None, autocast=None, row_tokens: int = 512):
+                 eos_suffix: str = " </s>", prompt: str | None = None, autocast=None, row_tokens: int = 128):
         if pooling not in POOLING_MODES:
             raise ValueError(f"unknown pooling mode {pooling!r}; choose one of {POOLING_MODES}")
         if chat_template == "auto":
@@ -205,15 +199,10 @@ class Encoder:
                         doc_max_length: int | None = None, skip_instruction: bool | None = None,
                         chat_template: str | None = None, prompt: str | None = None, device="cpu",
                         autocast="none", check_inputs=None) -> "Encoder":
-        """Base model, then each PEFT-format adapter merged in order (MNTP, then SimCSE/supervised).
-
-        Settings: explicit arguments, else `llm2vec_config.json` (last adapter wins over the model
-        folder), else upstream's defaults (mean, 512, 400, skip_instruction=True).
-        dtype="bfloat16" stores bf16 weights (upstream's choice; half the memory); autocast="bfloat16"
-        keeps float32 weights and residual stream and runs the matmuls in bf16 (closer to float32);
-        "auto" turns it on where bf16 matmuls are fast (see `resolve_autocast`).
-        Every file, the adapters' shapes and `check_inputs` (if given) are checked before the weights load.
-        """
+        """Base model, then each PEFT adapter merged in order (MNTP, then SimCSE/supervised). Settings:
+        arguments, else `llm2vec_config.json` (the last adapter's first), else upstream's defaults.
+        dtype: the weights' (bf16 halves memory); autocast: the matmuls' only (closer to float32).
+        Every file, the adapters' shapes and `check_inputs` are checked before the weights load."""
         from .lora import load_adapter, read_adapter  # written separately; only needed here
         adapters = [adapters] if isinstance(adapters, (str, os.PathLike)) else list(adapters)
         cfg = read_llm2vec_config(model_dir, *adapters)

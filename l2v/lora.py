@@ -2,13 +2,10 @@
 
     y = x W^T + b + scaling * B(A(dropout(x)))     A: (r, in) kaiming-uniform, B: (out, r) zeros
 
-`LoRALinear` keeps the frozen `weight`/`bias` under their own names, so base checkpoint keys are
-unchanged (torchtune), adds `lora_A`/`lora_B` as `nn.Linear`s (the PEFT/loralib key names), and merges
-only on an explicit `merge()` call (loralib merges as a side effect of `.eval()`; we don't).
-
-On disk an adapter is PEFT's folder: `adapter_config.json` + `adapter_model.safetensors` with keys
-`base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`. Our module paths equal HF's
-`LlamaModel` ones, which is what llm2vec (and the published McGill-NLP adapters) wrap.
+`LoRALinear` keeps the frozen `weight`/`bias` under their own names (base keys unchanged, as torchtune),
+names `lora_A`/`lora_B` as PEFT does, and merges only on an explicit `merge()`. On disk an adapter is
+PEFT's folder (`adapter_config.json`, `adapter_model.safetensors` with keys `base_model.model.<module
+path>.lora_A.weight`); our module paths are HF `LlamaModel`'s, which llm2vec's published adapters wrap.
 """
 from __future__ import annotations
 
@@ -36,12 +33,10 @@ LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # the decoder layer number in a 
 
 
 class Dropout(nn.Module):
-    """Inverted dropout. On CPU the mask comes from 16-bit random integers, four per 64-bit draw:
-    `F.dropout`'s per-element Bernoulli draws took 18 ms per (2048, 576) input, this takes 3 ms
-    (1 thread, this project's 2-core AMD EPYC); an MNTP step with dropout on all seven projections
-    got 4% (fp32) to 13% (bf16) faster. p is rounded to a multiple of 1/65536 (0.05 -> 0.0500031) and the kept values
-    are scaled by the exact 1/keep, so the output's expectation is still x; the mask saved for the
-    backward is 1 byte per element instead of 4. Elsewhere (CUDA) it is `F.dropout`."""
+    """Inverted dropout. On CPU the mask comes from 16-bit random integers, four per 64-bit draw, which
+    is several times faster than `F.dropout`'s per-element Bernoulli draws and saves a 1-byte mask
+    (a whole MNTP step: docs/performance.md). p is rounded to a multiple of 1/65536 and the kept values
+    are scaled by the exact 1/keep, so the expectation is still x. Elsewhere (CUDA) it is `F.dropout`."""
 
     def __init__(self, p: float):
         super().__init__()
@@ -59,9 +54,6 @@ class Dropout(nn.Module):
         words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-2 ** 63, None)  # uniform 64 bits
         keep = words.view(torch.int16)[:x.numel()].view(x.shape) >= self.threshold
         return x * keep * self.scale
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
 
 
 class LoRALinear(nn.Module):
@@ -93,26 +85,15 @@ class LoRALinear(nn.Module):
         a, b = self.lora_A.weight.to(x.dtype), (self.lora_B.weight * self.scaling).to(x.dtype)
         return out + F.linear(F.linear(self.dropout(x), a), b)
 
-    def delta_weight(self) -> torch.Tensor:
-        """scaling * B @ A, (out, in), in float32."""
-        return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
-
     @torch.no_grad()
-    def merge(self) -> None:
-        # On a bf16 base, merge() then unmerge() only restores the weight up to bf16 rounding.
-        if not self.merged:
-            self.weight.copy_(self.weight.float() + self.delta_weight())
-            self.merged = True
+    def merge(self, sign: int = 1) -> None:
+        """W += scaling * B @ A in float32 (sign -1: unmerge; on a bf16 base only up to bf16 rounding)."""
+        if self.merged != (sign > 0):
+            self.weight.copy_(self.weight.float() + sign * self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float()))
+            self.merged = sign > 0
 
-    @torch.no_grad()
     def unmerge(self) -> None:
-        if self.merged:
-            self.weight.copy_(self.weight.float() - self.delta_weight())
-            self.merged = False
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-                f"alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}")
+        self.merge(-1)
 
 
 def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -125,7 +106,6 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The trainable LoRA weights, for the optimizer."""
     return [p for m in lora_modules(model).values() for p in (m.lora_A.weight, m.lora_B.weight)]
 
 

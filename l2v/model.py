@@ -60,21 +60,12 @@ class ModelConfig:
             raise ValueError(f"{source}: unsupported hidden_act {act!r}; only 'silu' (SwiGLU) is implemented")
         try:
             dim, n_heads = hf["hidden_size"], hf["num_attention_heads"]
-            cfg = cls(
-                vocab_size=hf["vocab_size"],
-                dim=dim,
-                n_layers=hf["num_hidden_layers"],
-                n_heads=n_heads,
-                n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-                head_dim=hf.get("head_dim") or dim // n_heads,
-                intermediate_size=hf["intermediate_size"],
-                norm_eps=hf.get("rms_norm_eps", 1e-6),
-                max_position_embeddings=hf.get("max_position_embeddings", 4096),
-                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                model_type=mt,
-                attention_dropout=float(hf.get("attention_dropout", 0.0) or 0.0),
-                extra=dict(hf),
-            )
+            cfg = cls(vocab_size=hf["vocab_size"], dim=dim, n_layers=hf["num_hidden_layers"], n_heads=n_heads,
+                      n_kv_heads=hf.get("num_key_value_heads") or n_heads, head_dim=hf.get("head_dim") or dim // n_heads,
+                      intermediate_size=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
+                      max_position_embeddings=hf.get("max_position_embeddings", 4096),
+                      tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)), model_type=mt,
+                      attention_dropout=float(hf.get("attention_dropout", 0.0) or 0.0), extra=dict(hf))
         except KeyError as e:
             raise ValueError(f"{source}: missing required key {e.args[0]!r}") from None
         # HF has stored RoPE settings in two ways over time: flat keys (v4) or `rope_parameters` (v5).
@@ -102,15 +93,11 @@ class ModelConfig:
     def to_hf(self) -> dict:
         """An HF config.json dict: the original keys, updated with ours."""
         hf = dict(self.extra)
-        hf.update(
-            model_type=self.model_type, vocab_size=self.vocab_size, hidden_size=self.dim,
-            num_hidden_layers=self.n_layers, num_attention_heads=self.n_heads,
-            num_key_value_heads=self.n_kv_heads, head_dim=self.head_dim,
-            intermediate_size=self.intermediate_size, rms_norm_eps=self.norm_eps,
-            rope_theta=self.rope_theta, rope_scaling=self.rope_scaling,
-            max_position_embeddings=self.max_position_embeddings,
-            tie_word_embeddings=self.tie_word_embeddings, hidden_act="silu",
-        )
+        hf.update(model_type=self.model_type, vocab_size=self.vocab_size, hidden_size=self.dim,
+                  num_hidden_layers=self.n_layers, num_attention_heads=self.n_heads, num_key_value_heads=self.n_kv_heads,
+                  head_dim=self.head_dim, intermediate_size=self.intermediate_size, rms_norm_eps=self.norm_eps,
+                  rope_theta=self.rope_theta, rope_scaling=self.rope_scaling, hidden_act="silu",
+                  max_position_embeddings=self.max_position_embeddings, tie_word_embeddings=self.tie_word_embeddings)
         hf.setdefault("architectures", [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                                          "qwen2": "Qwen2ForCausalLM"}[self.model_type]])
         if self.model_type == "llama":

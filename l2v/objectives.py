@@ -70,14 +70,10 @@ class _AllGather(torch.autograd.Function):
 
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate x (n, ...) from all ranks in rank order -> (world_size * n, ...); identity when not
-    distributed. Every rank must pass the same n (use `data.batches(..., drop_last=True)`).
-
-    Why: without gathering, each DDP rank only contrasts against its own n documents, so DDP (and
-    likewise gradient accumulation) shrinks the pool of in-batch negatives from the global batch to the
-    local one. Gradient: every rank computes the same global loss L; the backward sums all ranks'
-    gradients for slice r onto rank r, i.e. world_size x dL/dslice_r, which DDP's gradient averaging
-    divides back by world_size: the exact gradient of L, with no extra scaling by the caller.
-    """
+    distributed; every rank passes the same n. Without it each rank would contrast against its own
+    slice only: DDP would shrink the pool of in-batch negatives. Every rank computes the same global
+    loss L; the backward sums all ranks' gradients for slice r onto rank r (world_size x dL/dslice_r),
+    which DDP's averaging divides back: the exact gradient of L, with no scaling by the caller."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
     return _AllGather.apply(x)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
 from tokenizers import Tokenizer as HFTokenizer
 
 from .checkpoint import read_json
@@ -39,13 +38,9 @@ class Tokenizer:
         self.pad_id = self.token_id(names["pad_token"])
         if self.pad_id is None:
             self.pad_id = self.eos_id if self.eos_id is not None else 0
-        # Whether BOS is prepended is decided by tokenizer.json's post-processor; we report it.
-        probe = self.tok.encode("a").ids
-        self.adds_bos = self.bos_id is not None and len(probe) > 0 and probe[0] == self.bos_id
         added = self.tok.get_added_tokens_decoder()  # {id: AddedToken}
         self.special_ids = sorted({i for i, t in added.items() if t.special} |
                                   {i for i in (self.bos_id, self.eos_id, self.pad_id, self.unk_id) if i is not None})
-        self.chat_template = cfg.get("chat_template")
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
 
     def token_id(self, token: str | None) -> int | None:
@@ -62,21 +57,6 @@ class Tokenizer:
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
-
-    def pad(self, batch: list[list[int]], side: str = "right", pad_to: int | None = None):
-        """Pad id lists to one length. Returns input_ids (B, T) and attention_mask (B, T) int64 tensors."""
-        T = max([len(x) for x in batch] + [pad_to or 0])
-        ids = torch.full((len(batch), T), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), T), dtype=torch.long)
-        for i, x in enumerate(batch):
-            sl = slice(0, len(x)) if side == "right" else slice(T - len(x), T)
-            ids[i, sl] = torch.tensor(x, dtype=torch.long)
-            mask[i, sl] = 1
-        return ids, mask
-
-    def __call__(self, texts: list[str], max_length: int | None = None, add_special_tokens: bool = True,
-                 side: str = "right"):
-        return self.pad(self.encode_batch(texts, add_special_tokens, max_length), side=side)
 
     def __len__(self) -> int:
         return self.vocab_size

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import DATA, REFERENCE
-from l2v.data import batches, mask_token_id, mask_tokens, mntp_blocks, read_texts, read_triples
+from l2v.data import batches, mask_token_id, mask_tokens, micro_batch_positions, mntp_blocks, read_texts, read_triples
 
 TOKENIZER_DIR = REFERENCE / "smollm2-135m-instruct"
 
@@ -116,8 +116,8 @@ def test_mntp_blocks_match_oracle_rows(tokenizer, oracle_dir):
 def test_mask_token_id(tokenizer):
     assert mask_token_id(tokenizer, "blank") == 79
     assert mask_token_id(tokenizer, "eos") == tokenizer.eos_id
-    with pytest.raises(NotImplementedError, match="<mask>"):
-        mask_token_id(tokenizer, "mask")
+    with pytest.raises(ValueError, match="unknown mask token"):
+        mask_token_id(tokenizer, "mask")  # l2v does not add a <mask> row
     with pytest.raises(ValueError):
         mask_token_id(tokenizer, "nonsense")
 
@@ -205,28 +205,29 @@ def test_mask_without_attention_mask_still_skips_position_0():
 # Batching
 
 
-def test_batches_two_ranks_see_the_single_rank_global_batches():
+def test_batches_are_global_and_deterministic():
     kw = dict(seed=42, epoch=3)
-    one = list(batches(103, 8, **kw))
+    one = batches(103, 8, **kw)
     assert len(one) == 12 and all(len(b) == 8 for b in one)
     assert len(set(sum(one, []))) == 96  # each index at most once, remainder dropped
-    for ws in (2, 4):
-        per_rank = [list(batches(103, 8, rank=r, world_size=ws, **kw)) for r in range(ws)]
-        for step, gb in enumerate(one):
-            assert sum((per_rank[r][step] for r in range(ws)), []) == gb  # contiguous slices, rank order
-    assert one == list(batches(range(103), 8, **kw))  # deterministic; a sequence works like its length
-    assert one != list(batches(103, 8, seed=42, epoch=4))
-    assert one != list(batches(103, 8, seed=43, epoch=3))
-    with pytest.raises(ValueError, match="multiple of world_size"):
-        next(batches(103, 6, seed=0, world_size=4))
+    assert one == batches(103, 8, **kw)
+    assert one != batches(103, 8, seed=42, epoch=4)
+    assert one != batches(103, 8, seed=43, epoch=3)
 
 
-def test_batches_no_drop_no_shuffle_and_groups():
-    assert list(batches(5, 2, seed=0, shuffle=False, drop_last=False)) == [[0, 1], [2, 3], [4]]
+def test_micro_batches_over_ranks_cover_the_global_batch():
+    for batch_size, micro, world in ((8, 4, 1), (8, 2, 2), (8, 1, 4), (12, 2, 2)):
+        per_rank = [micro_batch_positions(batch_size, micro, r, world) for r in range(world)]
+        assert all(len(p) == batch_size // (micro * world) for p in per_rank)
+        # accumulation step i, gathered over ranks in rank order, is the contiguous group i
+        for i in range(len(per_rank[0])):
+            group = sum((per_rank[r][i] for r in range(world)), [])
+            assert group == list(range(i * micro * world, (i + 1) * micro * world))
+
+
+def test_batches_by_group():
     groups = ["a"] * 10 + ["b"] * 7 + ["a"] * 5
-    got = list(batches(len(groups), 4, seed=1, groups=groups))
+    got = batches(len(groups), 4, seed=1, groups=groups)
     assert len(got) == 3 + 1  # 15 "a" -> 3 batches, 7 "b" -> 1 batch
     for b in got:
         assert len({groups[i] for i in b}) == 1
-    two = [list(batches(len(groups), 4, seed=1, groups=groups, rank=r, world_size=2)) for r in range(2)]
-    assert [x + y for x, y in zip(*two)] == got

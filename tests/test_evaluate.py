@@ -1,4 +1,4 @@
-"""l2v.evaluate and eval.py: metrics against hand-computed values (and scipy), readers on tiny fixtures (the format
+"""eval.py: metrics against hand-computed values (and scipy), readers on tiny fixtures (the format
 pitfalls of ../shared/data/README.md), end-to-end scoring with a fake encoder, counts on the real files."""
 import json
 import math
@@ -9,7 +9,6 @@ import pytest
 
 import eval as harness
 from conftest import DATA
-from l2v import evaluate as ev
 
 
 class HashEncoder:
@@ -36,18 +35,18 @@ def write(path, text):
 # ---------------------------------------------------------------- metrics
 
 def test_rankdata_average_ties():
-    assert ev.rankdata([10, 20, 20, 5, 20]).tolist() == [2, 4, 4, 1, 4]
-    assert ev.rankdata([3.0, 1.0, 2.0]).tolist() == [3, 1, 2]
+    assert harness.rankdata([10, 20, 20, 5, 20]).tolist() == [2, 4, 4, 1, 4]
+    assert harness.rankdata([3.0, 1.0, 2.0]).tolist() == [3, 1, 2]
 
 
 def test_spearman_hand_computed():
-    assert ev.spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(100.0)
-    assert ev.spearman([1, 2, 3], [30, 20, 10]) == pytest.approx(-100.0)
+    assert harness.spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(100.0)
+    assert harness.spearman([1, 2, 3], [30, 20, 10]) == pytest.approx(-100.0)
     # ranks x = [1, 2.5, 2.5, 4], y = [1, 3, 2, 4]; centred dot 4.5, norms^2 4.5 and 5 -> sqrt(0.9)
-    assert ev.spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(100 * math.sqrt(0.9))
-    assert math.isnan(ev.spearman([1, 1, 1], [1, 2, 3]))
+    assert harness.spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(100 * math.sqrt(0.9))
+    assert math.isnan(harness.spearman([1, 1, 1], [1, 2, 3]))
     with pytest.raises(ValueError):
-        ev.spearman([1, 2], [1, 2, 3])
+        harness.spearman([1, 2], [1, 2, 3])
 
 
 def test_spearman_matches_scipy():
@@ -55,7 +54,7 @@ def test_spearman_matches_scipy():
     rng = np.random.default_rng(0)
     for _ in range(5):
         x, y = rng.integers(0, 6, 200), rng.normal(size=200).round(1)  # many ties on both sides
-        assert ev.spearman(x, y) == pytest.approx(100 * stats.spearmanr(x, y).statistic, abs=1e-9)
+        assert harness.spearman(x, y) == pytest.approx(100 * stats.spearmanr(x, y).statistic, abs=1e-9)
 
 
 def test_ndcg_and_recall_hand_computed():
@@ -63,21 +62,21 @@ def test_ndcg_and_recall_hand_computed():
     ranking = ["c", "a", "x", "b", "z"]
     dcg = 2 / math.log2(3) + 1 / math.log2(5)  # a at rank 2, b at rank 4; c/x/z gain nothing
     idcg = 2 / math.log2(2) + 1 / math.log2(3)
-    assert ev.ndcg_at_k(ranking, qrel, 10) == pytest.approx(dcg / idcg)
-    assert ev.ndcg_at_k(["a", "b"], qrel, 10) == pytest.approx(1.0)
-    assert ev.ndcg_at_k(ranking, qrel, 1) == 0.0
-    assert ev.ndcg_at_k(["a"] + ranking, qrel, 1) == pytest.approx(1.0)  # ideal cut at k too
-    assert ev.recall_at_k(ranking, qrel, 2) == 0.5
-    assert ev.recall_at_k(ranking, qrel, 100) == 1.0
-    assert ev.ndcg_at_k(ranking, {"c": 0}, 10) == 0.0 and ev.recall_at_k(ranking, {"c": 0}, 10) == 0.0
+    assert harness.ndcg_at_k(ranking, qrel, 10) == pytest.approx(dcg / idcg)
+    assert harness.ndcg_at_k(["a", "b"], qrel, 10) == pytest.approx(1.0)
+    assert harness.ndcg_at_k(ranking, qrel, 1) == 0.0
+    assert harness.ndcg_at_k(["a"] + ranking, qrel, 1) == pytest.approx(1.0)  # ideal cut at k too
+    assert harness.recall_at_k(ranking, qrel, 2) == 0.5
+    assert harness.recall_at_k(ranking, qrel, 100) == 1.0
+    assert harness.ndcg_at_k(ranking, {"c": 0}, 10) == 0.0 and harness.recall_at_k(ranking, {"c": 0}, 10) == 0.0
 
 
 def test_top_k_chunked_matches_full_sort():
     rng = np.random.default_rng(1)
     q, d = rng.normal(size=(7, 16)).astype(np.float32), rng.normal(size=(50, 16)).astype(np.float32)
     full = np.argsort(-(q @ d.T), axis=1)
-    assert (ev.top_k(q, d, 12, chunk=5) == full[:, :12]).all()
-    assert (ev.top_k(q, d, 100, chunk=8) == full).all()  # k > N: every doc, sorted
+    assert (harness.top_k(q, d, 12, chunk=5) == full[:, :12]).all()
+    assert (harness.top_k(q, d, 100, chunk=8) == full).all()  # k > N: every doc, sorted
 
 # ---------------------------------------------------------------- readers
 
@@ -86,7 +85,7 @@ def test_read_stsb_tabs_quotes_extra_fields(tmp_path):
               'main-captions\tMSRvid\t2012test\t0024\t2.500\tA girl is "styling" her hair.\tA girl brushes.\n'
               'main-forums\tanswer-answer\t2016\t0008\t3\tOne "quote only.\tTwo. \tsrc A\tsrc B\r\n'
               '\n')
-    s1, s2, gold = ev.read_stsb(p)
+    s1, s2, gold = harness.read_stsb(p)
     assert s1 == ['A girl is "styling" her hair.', 'One "quote only.']
     assert s2 == ["A girl brushes.", "Two."]
     assert gold.tolist() == [2.5, 3.0]
@@ -94,13 +93,13 @@ def test_read_stsb_tabs_quotes_extra_fields(tmp_path):
 
 def test_read_stsb_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.csv"):
-        ev.read_stsb(tmp_path / "nope.csv")
+        harness.read_stsb(tmp_path / "nope.csv")
     p = write(tmp_path / "bad.csv", "g\tf\ty\t1\t2.0\ta\tb\ng\tf\ty\t2\t3.0\tonly one\n")
     with pytest.raises(ValueError, match=r"bad.csv:2: expected >= 7"):
-        ev.read_stsb(p)
+        harness.read_stsb(p)
     p = write(tmp_path / "bad2.csv", "g\tf\ty\t1\tfive\ta\tb\n")
     with pytest.raises(ValueError, match=r"bad2.csv:1: score 'five'"):
-        ev.read_stsb(p)
+        harness.read_stsb(p)
 
 
 def test_read_sick(tmp_path):
@@ -257,15 +256,15 @@ def test_read_cranfield_positional_queries_and_codes(tmp_path):
 def test_evaluate_sts_dedupes_and_instructs():
     s2 = ["a b c d", "a b c x", "a b y x", "a z y x", "w z y x"]  # overlap with "a b c d": 4..0 words
     enc = HashEncoder()
-    score = ev.evaluate_sts(enc, ["a b c d"] * 5, s2, [5, 4, 3, 2, 1], instruction="Retrieve similar text.")
+    score = harness.evaluate_sts(enc, ["a b c d"] * 5, s2, [5, 4, 3, 2, 1], instruction="Retrieve similar text.")
     assert score == pytest.approx(100.0)
     assert len(enc.calls) == 1 and len(enc.calls[0]) == 5  # "a b c d" encoded once
     assert all(x == ("Retrieve similar text.", x[1]) for x in enc.calls[0])
     enc = HashEncoder()
-    assert ev.evaluate_sts(enc, ["a b c d"] * 5, s2, [1, 2, 3, 4, 5]) == pytest.approx(-100.0)
+    assert harness.evaluate_sts(enc, ["a b c d"] * 5, s2, [1, 2, 3, 4, 5]) == pytest.approx(-100.0)
     assert all(isinstance(x, str) for x in enc.calls[0])
     with pytest.raises(ValueError, match="lengths differ"):
-        ev.evaluate_sts(enc, ["a"], ["b", "c"], [1.0])
+        harness.evaluate_sts(enc, ["a"], ["b", "c"], [1.0])
 
 
 def test_evaluate_retrieval_end_to_end():
@@ -274,7 +273,7 @@ def test_evaluate_retrieval_end_to_end():
     queries = {"q1": "topic3 word3", "q2": "topic7", "q3": "topic9 word9 topic10", "q_unjudged": "topic1"}
     qrels = {"q1": {"d3": 2, "d4": 0}, "q2": {"d7": 1}, "q3": {"d9": 1, "d10": 2}}
     enc = HashEncoder()
-    r = ev.evaluate_retrieval(enc, corpus, queries, qrels, query_instruction="Find it:")
+    r = harness.evaluate_retrieval(enc, corpus, queries, qrels, query_instruction="Find it:")
     assert r["n"] == 3  # q_unjudged has no relevant doc: skipped
     assert enc.calls[0] == [("Find it:", "topic3 word3"), ("Find it:", "topic7"), ("Find it:", "topic9 word9 topic10")]
     assert len(enc.calls[1]) == 30 and all(isinstance(x, str) for x in enc.calls[1])

@@ -25,11 +25,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from eval import evaluate_sts, fail, read_stsb
-from l2v.checkpoint import load_config, load_model, read_json, resolve_autocast, resolve_device, save_model
+from l2v.checkpoint import load_config, load_model, meta_model, read_json, resolve_autocast, resolve_device, save_model
 from l2v.data import batches, mask_token_id, mask_tokens, micro_batch_positions, mntp_blocks, read_texts, read_triples
 from l2v.encoder import POOLING_MODES, Encoder
 from l2v.lora import add_lora, load_adapter, merge_lora, read_adapter, save_adapter
-from l2v.model import Transformer
 from l2v.objectives import contrastive_loss, mntp_loss, num_targets, simcse_loss, supervised_loss
 
 CHECKS = {">=0": lambda v: v >= 0, ">0": lambda v: v > 0, ">=1": lambda v: v >= 1, ">=2": lambda v: v >= 2,
@@ -215,12 +214,12 @@ def check_run(cfg: dict, world: int):
     if eval_data is not None and len(eval_data) < mb:
         raise UserError(f"{cfg['eval_file']}: {len(eval_data)} examples, fewer than one micro-batch of {mb}")
     sts = read_stsb(cfg["eval_sts_file"]) if cfg["eval_sts_file"] else None
-    with torch.device("meta"):  # shapes are checked on a model that holds no weights
-        meta, lora_meta = Transformer(model_cfg), Transformer(model_cfg)
+    meta = meta_model(model_cfg)  # shapes are checked on a model that holds no weights
     for folder in cfg["init_adapter"]:
         read_adapter(folder, meta)
     try:
-        add_lora(lora_meta, r=cfg["lora_r"], targets=cfg["lora_targets"], layers=cfg["lora_layers"] or None)
+        with torch.device("meta"):
+            add_lora(meta_model(model_cfg), r=cfg["lora_r"], targets=cfg["lora_targets"], layers=cfg["lora_layers"] or None)
     except ValueError as e:
         raise UserError(f"--lora_targets / --lora_layers: {e}") from None
     out, merge_out = Path(cfg["output_dir"]), Path(cfg["merge_out"])

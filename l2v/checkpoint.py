@@ -152,6 +152,12 @@ def _skip_init():
         nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved
 
 
+def meta_model(cfg: ModelConfig) -> Transformer:
+    """The model's modules without weights or init work: for building, and for checking shapes."""
+    with torch.device("meta"), _skip_init():
+        return Transformer(cfg)
+
+
 def load_model(folder: str | os.PathLike, dtype="float32", device="cpu", is_causal: bool | None = None,
                attention_dropout: float | None = None) -> Transformer:
     """Build on `meta`, then assign tensors read shard by shard: peak memory ~ one copy of weights."""
@@ -162,8 +168,7 @@ def load_model(folder: str | os.PathLike, dtype="float32", device="cpu", is_caus
         cfg.is_causal = is_causal
     if attention_dropout is not None:
         cfg.attention_dropout = attention_dropout
-    with torch.device("meta"), _skip_init():
-        model = Transformer(cfg)
+    model = meta_model(cfg)
     expected = model.state_dict()
     state, origin = {}, {}
     for path in weight_files(folder):

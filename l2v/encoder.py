@@ -22,8 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import load_config, load_model, read_json, resolve_autocast, resolve_device, resolve_dtype
-from .model import Transformer
+from .checkpoint import load_config, load_model, meta_model, read_json, resolve_autocast, resolve_device, resolve_dtype
 from .tokenizer import Tokenizer
 
 POOLING_MODES = ("mean", "weighted_mean", "eos_token", "last_token", "bos_token")
@@ -216,8 +215,7 @@ class Encoder:
                   skip_instruction=pick(skip_instruction, "skip_instruction", True), chat_template=chat_template,
                   prompt=prompt, eos_suffix=eos_suffix_for(model_cfg.model_type, tok),
                   autocast=resolve_autocast(autocast, device))
-        with torch.device("meta"):
-            meta = Transformer(model_cfg)
+        meta = meta_model(model_cfg)
         for folder in adapters:
             read_adapter(folder, meta)
         if check_inputs is not None:

@@ -1,106 +1,108 @@
-"""Smoke test of bench/: the l2v side of every bench script on a tiny random model (no peer venv).
-
-Checks that the scripts run and report what the drivers parse; it measures nothing.
-"""
+"""Smoke test of bench/: the dry-run modes of bench/run.py (a tiny random model, tiny inputs, the l2v side
+only: no upstream environment, no GPU needed). It measures nothing; it checks that every figure and check
+the report needs comes out, in the table and in the JSON."""
 import json
+import math
 import shutil
 import sys
+from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
-from conftest import DATA, REFERENCE, ROOT
+from conftest import DEMO_MODEL, REF_TOKENIZER, ROOT, TOKENIZER_FILES
 
 sys.path.insert(0, str(ROOT / "bench"))
+import run  # noqa: E402
 
-import bench_efficiency  # noqa: E402
-import bench_encode  # noqa: E402
-import bench_train  # noqa: E402
-import common  # noqa: E402
-
-TOKENIZER = REFERENCE / "smollm2-135m-instruct"
-TINY = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=49152, hidden_size=32,
-            intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=8, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=100000.0,
-            tie_word_embeddings=True, hidden_act="silu", bos_token_id=1, eos_token_id=2, pad_token_id=2)
+SPEED = {"encode_sts": "texts/s", "encode_msmarco": "texts/s", "mntp": "tokens/s", "mntp_ckpt": "tokens/s",
+         "simcse": "sent/s", "matmul": "TFLOP/s"}
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    if not (TOKENIZER / "tokenizer.json").is_file():
-        pytest.skip("../shared/reference/smollm2-135m-instruct not present")
-    from l2v.checkpoint import save_model
-    from l2v.model import ModelConfig, Transformer
-    folder = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    save_model(Transformer(ModelConfig.from_hf(TINY)), folder, dtype=torch.bfloat16)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(TOKENIZER / name, folder / name)
-    return folder
+def data(tmp_path_factory):
+    """A --data folder as bench/pack_inputs.sh writes it, with small made-up files."""
+    tokenizer = next((d for d in (REF_TOKENIZER, DEMO_MODEL) if (d / "tokenizer.json").is_file()), None)
+    if tokenizer is None:
+        pytest.skip("no tokenizer files (../shared/reference or the demo model)")
+    d = tmp_path_factory.mktemp("bench-data")
+    for name in TOKENIZER_FILES:
+        shutil.copy(tokenizer / name, d / name)
+    words = ["cats", "rivers", "songs", "planes", "books", "mountains"]
+    (d / "sts-test.csv").write_text("".join(f'main\tMSRvid\t2012\t{i}\t{i % 5}.0\tA "quoted" {w} number {i}.\t'
+                                            f"Another {w}, {i}!\n" for i, w in enumerate(words * 5)))
+    (d / "wiki1m.txt").write_text("".join(f"Sentence {i} is about {w} and the {i % 7} green {w}.\n"
+                                          for i, w in enumerate(words * 40)))
+    (d / "msmarco-corpus.jsonl").write_text("".join(json.dumps({"_id": str(i), "title": "", "text": f"{w} " * (5 + i)})
+                                                    + "\n" for i, w in enumerate(words * 2)))
+    return d
 
 
-@pytest.fixture(autouse=True)
-def restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+def check_figures(result: dict, steps: int) -> None:
+    rows = {r["figure"]: r for r in result["rows"]}
+    for fig, unit in SPEED.items():
+        speed = [r for r in result["rows"] if r["fig"] == fig and r["unit"] == unit]
+        assert speed and all(isinstance(r["l2v"], float) and r["l2v"] > 0 for r in speed), (fig, speed)
+        assert all(r["upstream"] == "-" and r["ratio"] is None for r in speed)  # upstream not run
+    for label in ("load time", "load peak memory"):
+        assert rows[label]["l2v"] > 0
+    mfu = [r for r in result["rows"] if r["figure"].endswith(": MFU")]
+    assert len(mfu) == 2 and all(0 < r["l2v"] < math.inf and r["target"] for r in mfu)
+    assert rows[[k for k in rows if k.startswith("encode STS-B")][0]]["target"]
+    l2v = result["results"]["l2v"]
+    for fig in ("mntp", "mntp_ckpt", "simcse"):
+        assert len(l2v[fig]["times"]) == steps and all(math.isfinite(x) for x in l2v[fig]["losses"])
+        assert l2v[fig]["peak_mem_mb"] > 0
+    assert "not_run" in result["results"]["upstream"]
+    assert result["inputs"]["counts"] == {"sts": 24, "msmarco": 6, "simcse": 4}
+    assert all(not v.startswith("made up") for v in result["inputs"]["files"].values())
 
 
-def result(capsys) -> dict:
-    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("RESULT ")]
-    return json.loads(lines[-1][len("RESULT "):])
+def test_dry_run(data, tmp_path, capsys):
+    out = tmp_path / "dry.json"
+    result = run.main(["--dry-run", "--data", str(data), "--threads", "1", "--peer-python", "none", "--out", str(out)])
+    check_figures(result, run.SIZES["dry"]["steps"])
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == json.loads(json.dumps(result["rows"])) and saved["mode"] in ("cpu", "cuda")
+    assert "| figure | l2v | upstream | ratio | target | met |" in capsys.readouterr().out
 
 
-def test_stsb_reader_and_masking(tmp_path):
-    tsv = tmp_path / "sts.csv"
-    tsv.write_text('g\tf\t2012\t1\t2.5\tA "quoted" one.\tB two.\n'
-                   'g\tf\t2012\t2\t3.0\tC three.\tD four.\textra\tfield\n')
-    assert common.read_stsb_sentences(tsv) == ['A "quoted" one.', "B two.", "C three.", "D four."]
-    if (DATA / "stsbenchmark" / "sts-test.csv").is_file():
-        assert len(common.read_stsb_sentences()) == 2758
-    ids = np.arange(2 * 11).reshape(2, 11) + 100
-    masked, labels = common.masked_batch(ids, seed=0)
-    assert ((labels != -100).sum(1) == 2).all() and (labels[:, 0] == -100).all()
-    assert (masked[labels != -100] == common.MASK_ID).all() and (masked[labels == -100] == ids[labels == -100]).all()
-    again, _ = common.masked_batch(ids, seed=0)
-    assert (again == masked).all()
+def test_gpu_check_dry_run(data, tmp_path, capsys):
+    out = tmp_path / "gpu.json"
+    result = run.main(["--gpu", "--dry-run", "--data", str(data), "--threads", "1", "--peer-python", "none",
+                       "--out", str(out)])
+    checks = result["checks"]
+    assert [k.split(" cpu vs")[0] for k in checks] == ["parity", "random model", "train.py mntp", "train.py simcse",
+                                                       "encode.py"]
+    assert all(c["ok"] for c in checks.values()), checks
+    assert checks["random model"]["shards"] > 1  # written sharded, as the 8B model is
+    assert len(checks["train.py mntp"]["losses"]) == 3
+    check_figures(result, run.SIZES["dry"]["steps"])
+    assert [r["met"] for r in result["rows"][:5]] == [True] * 5
+    printed = capsys.readouterr().out
+    assert "| figure | l2v | upstream | ratio | MFU | peak memory | card |" in printed
+    assert json.loads(out.read_text())["mode"] == "gpu"
 
 
-def test_encode_side(tiny_model, tmp_path, capsys):
-    tsv = tmp_path / "sts.csv"
-    tsv.write_text("".join(f"g\tf\t2012\t{i}\t1.0\tSentence number {i}.\tAnother one, {i}!\n" for i in range(5)))
-    import l2v_encode
-    l2v_encode.main(tiny_model, "float32", 0, 2, tmp_path / "a.npy", tsv)
-    r = result(capsys)
-    assert r["n"] == 10 and r["tokens"] > 10 and r["encode_s"] > 0 and r["peak_rss_mb"] > 0
-    emb = np.load(tmp_path / "a.npy")
-    assert emb.shape == (10, 32)
-    assert bench_encode.cosines(emb, emb).min() > 0.9999
+def test_against_alternates_and_reports(tmp_path, monkeypatch):
+    """--against's bookkeeping, with the two processes it starts per round replaced by stand-ins."""
+    calls = []
+    other = tmp_path.resolve()
+    speed = {run.ROOT: 1.0, other: 2.0}  # the other checkout is twice as slow
 
+    def train_py(checkout, args, threads):
+        calls.append(("train", checkout))
+        assert args["autocast"] == "none" and args["objective"] == "simcse" and args["log_every"] == 1
+        return {"times": [9.0] + [speed[checkout]] * 3, "losses": [1.0] * 4}
 
-@pytest.mark.parametrize("objective,variant,ckpt", [("mntp", "fp32", 1), ("mntp", "bf16w", 0),
-                                                     ("simcse", "autocast", 0)])
-def test_train_side(tiny_model, tmp_path, capsys, objective, variant, ckpt):
-    if not (DATA / "stsbenchmark" / "sts-test.csv").is_file():
-        pytest.skip("../shared/data not present")
-    batch = bench_train.make_batches(tmp_path, tiny_model, mntp_shape=(2, 32), simcse_shape=(4, 16))
-    assert batch["mntp_masked"] == 2 * round(0.2 * 31)
-    import l2v_train
-    l2v_train.main(objective, variant, ckpt, 1, 1, tmp_path / f"{objective}.npz", tiny_model)
-    r = result(capsys)
-    assert len(r["step_s"]) == 1 and len(r["losses"]) == 2 and all(np.isfinite(r["losses"]))
-
-
-def test_load_and_matmul_and_flops(tiny_model, capsys):
-    import l2v_load
-    import matmul_peak
-    l2v_load.main(tiny_model)
-    r = result(capsys)
-    assert r["load_s"] > 0 and r["weights_mb"] > 0
-    matmul_peak.main(64, 2)
-    r = result(capsys)
-    assert r["float32"]["median_gflops"] > 0 and r["bfloat16"]["median_gflops"] > 0
-    f = bench_efficiency.mntp_step_flops(TINY, B=2, T=32, M=12)
-    assert f["total"] == f["fwd"] + f["bwd"] and f["bwd"] > f["linear_fwd"]
-    assert "ratio" in common.line("x", 2.0, 1.0, "u") and "ratio" not in common.line("x", 2.0, None, "u")
+    def run_side(script, spec, python, pythonpath, tag):
+        calls.append(("encode", pythonpath[0]))
+        return {"encode_sts": {"times": [speed[pythonpath[0]]], "n": 10}}
+    monkeypatch.setattr(run, "prepare_inputs", lambda *a: {"counts": {"sts": 10}})
+    monkeypatch.setattr(run, "train_py", train_py)
+    monkeypatch.setattr(run, "run_side", run_side)
+    result = run.against(tmp_path, tmp_path, tmp_path / "model", None, dict(run.SIZES["cpu"], warmup=1), 1, 2)
+    this, that = [("train", run.ROOT), ("encode", run.ROOT)], [("train", other), ("encode", other)]
+    assert calls == that + this + this + that  # the order alternates between rounds
+    simcse, encode = result["rows"]
+    assert simcse["ratio"] == pytest.approx(2.0) and simcse["met"] and simcse["target"] == "ratio >= 1.5"
+    assert encode["ratio"] == pytest.approx(2.0) and len(result["results"]["this"]["simcse"]["times"]) == 6

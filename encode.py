@@ -100,8 +100,8 @@ def main(argv=None):
     p.add_argument("--autocast", default="auto", choices=["auto", "bfloat16", "none"],
                    help="bf16 matmuls over float32 weights; auto: where bf16 is fast (GPUs, AVX512-BF16/AMX CPUs)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N")
-    p.add_argument("--max-batch-tokens", type=positive_int, default=8192,
-                   help="tokens per forward pass (texts are packed; lower it if memory runs out)")
+    p.add_argument("--max-batch-tokens", type=positive_int,
+                   help="tokens per forward pass; texts are packed (default: 2048 on CPU, 16384 on GPU)")
     p.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings")
     p.add_argument("--out", type=Path, help="write a float32 [N, dim] .npy here (input order)")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")

@@ -471,7 +471,7 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N")
     p.add_argument("--tasks", default="dev", help=f"comma-separated tasks or groups ({', '.join(GROUPS)})")
     p.add_argument("--sts-instruction", default=STS_INSTRUCTION, help="'' for none")
-    p.add_argument("--max-batch-tokens", type=positive_int, default=8192, help="tokens per forward pass")
+    p.add_argument("--max-batch-tokens", type=positive_int, help="tokens per forward pass (default: 2048 on CPU, 16384 on GPU)")
     p.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
     p.add_argument("--out", type=Path, default=Path("out/eval_results.json"), help="JSON results (out/ is git-ignored)")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")

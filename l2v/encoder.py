@@ -318,11 +318,15 @@ class Encoder:
         hidden = model(batch.input_ids.to(device), batch.segments.to(device))  # (R, T, D)
         return pool(hidden, batch.weights, batch.index, len(batch.texts))
 
-    def encode(self, inputs, max_batch_tokens: int = 8192, normalize: bool = False,
+    def encode(self, inputs, max_batch_tokens: int | None = None, normalize: bool = False,
                show_progress: bool = False) -> np.ndarray:
-        """Inputs (strings and/or (instruction, text) pairs) -> float32 array [N, D] in input order."""
+        """Inputs (strings and/or (instruction, text) pairs) -> float32 array [N, D] in input order.
+        max_batch_tokens: tokens per forward pass; default 16384 on GPUs, 2048 on CPUs, where a bigger
+        batch's activations leave the cache and encoding gets slower (docs/performance.md)."""
         if isinstance(inputs, str):
             inputs = [inputs]
+        device = self.model.embed_tokens.weight.device
+        max_batch_tokens = max_batch_tokens or (2048 if device.type == "cpu" else 16384)
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be positive, got {max_batch_tokens}")
         prepared = self.prepare_inputs(inputs)
@@ -333,7 +337,6 @@ class Encoder:
             batches = tqdm(batches, unit="batch", desc="encode", disable=None)  # None: off when not a terminal
         was_training = self.model.training
         self.model.eval()
-        device = self.model.embed_tokens.weight.device
         try:
             with torch.inference_mode(), torch.autocast(device.type, dtype=self.autocast or torch.bfloat16,
                                                         enabled=self.autocast is not None):

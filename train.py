@@ -285,13 +285,13 @@ def init_distributed(device: str) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), dev
 
 
-def all_sum(x, device) -> float:
-    """Sum over ranks, as a Python float: the one host synchronisation, at log steps and once per step."""
+def all_sum(x, device, item: bool = True):
+    """Sum over ranks; as a Python float (a host synchronisation: log steps only) or a device tensor."""
     if not dist.is_initialized():
         return float(x)
     t = torch.as_tensor(x, dtype=torch.float64, device=device).clone()
     dist.all_reduce(t)
-    return t.item()
+    return t.item() if item else t.float()
 
 
 def barrier():
@@ -442,7 +442,7 @@ def main(argv=None) -> None:
         micro = make_micro_batches(ctx, data, epoch_batches[within], positions)
         # Normalise by the loss terms of the whole global batch (MNTP: masked tokens, which micro-batches
         # hold in different numbers; contrastive: micro-batches); DDP averages over ranks: divide by world.
-        norm = all_sum(sum(terms for _, terms, _ in micro), device) / world
+        norm = all_sum(sum(terms for _, terms, _ in micro), device, item=False) / world
         lr = sched.get_last_lr()[0]
         for i, (inputs, _, n_tokens) in enumerate(micro):
             with fwd.no_sync() if world > 1 and i < len(micro) - 1 else contextlib.nullcontext():

@@ -315,7 +315,8 @@ class Encoder:
         `model`: another callable on the same weights (e.g. training's DDP wrapper); default self.model."""
         model = model or self.model
         device = next(model.parameters()).device
-        hidden = model(batch.input_ids.to(device), batch.segments.to(device))  # (R, T, D)
+        segments = None if bool((batch.segments == 1).all()) else batch.segments.to(device)  # checked on the CPU
+        hidden = model(batch.input_ids.to(device), segments)  # (R, T, D)
         return pool(hidden, batch.weights, batch.index, len(batch.texts))
 
     def encode(self, inputs, max_batch_tokens: int | None = None, normalize: bool = False,

@@ -252,13 +252,12 @@ class Transformer(nn.Module):
 
         attention_mask (B, T): 0 = padding (either side), 1 = a real token; or, for packed rows, k > 0 =
         a token of the row's k-th text. Texts attend only within themselves and their RoPE positions start
-        at 0, so a text computes the same alone, padded or packed with others (up to rounding).
+        at 0, so a text computes the same alone, padded or packed with others (up to rounding). Pass None
+        for unpadded rows of one text each: it is not inferred, as that would stall a GPU on every call.
         """
         is_causal = self.config.is_causal if is_causal is None else is_causal
         B, T = input_ids.shape
-        if attention_mask is not None and bool((attention_mask == 1).all()):
-            attention_mask = None  # one unpadded text per row: let SDPA use its fast unmasked path
-        if attention_mask is None:
+        if attention_mask is None:  # one unpadded text per row: SDPA's fast unmasked path
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         else:
             positions = segment_positions(attention_mask)

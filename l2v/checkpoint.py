@@ -86,6 +86,18 @@ def l2v_key_to_hf(key: str) -> str:
     return key if key.startswith("lm_head.") else "model." + key
 
 
+def consecutive_groups(items: list, size, limit: int) -> list[list]:
+    """Items in order, in groups of at most `limit` total size (a bigger item makes a group alone)."""
+    groups, total = [[]], 0
+    for x in items:
+        if groups[-1] and total + size(x) > limit:
+            groups.append([])
+            total = 0
+        groups[-1].append(x)
+        total += size(x)
+    return groups
+
+
 GROUP_ELEMENTS = 16_000_000  # tensors read per file opening: bounds the mapped pages held at once
 
 
@@ -102,15 +114,7 @@ def read_safetensors(path: Path, dtype: torch.dtype):
     copies. Two threads overlap one group's reads with another's casts (docs/performance.md)."""
     try:
         with safe_open(path, framework="pt") as f:
-            names = list(f.keys())
-            sizes = [math.prod(f.get_slice(n).get_shape()) for n in names]
-        groups, size = [[]], 0
-        for name, n in zip(names, sizes):
-            if groups[-1] and size + n > GROUP_ELEMENTS:
-                groups.append([])
-                size = 0
-            groups[-1].append(name)
-            size += n
+            groups = consecutive_groups(list(f.keys()), lambda n: math.prod(f.get_slice(n).get_shape()), GROUP_ELEMENTS)
         with ThreadPoolExecutor(2) as pool:
             for group, tensors in zip(groups, pool.map(lambda g: _read_group(path, g, dtype), groups)):
                 yield from zip(group, tensors)
@@ -209,18 +213,11 @@ def save_model(model: Transformer, folder: str | os.PathLike, dtype=None, max_sh
     if max_shard_bytes is None:
         save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
         return folder
-    shards, size = [{}], 0
-    for k, v in tensors.items():
-        n = v.numel() * v.element_size()
-        if shards[-1] and size + n > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][k] = v
-        size += n
+    shards = consecutive_groups(list(tensors), lambda k: tensors[k].numel() * tensors[k].element_size(), max_shard_bytes)
     weight_map = {}
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, folder / name, metadata={"format": "pt"})
+        save_file({k: tensors[k] for k in shard}, folder / name, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, name))
     total = sum(v.numel() * v.element_size() for v in tensors.values())
     with open(folder / "model.safetensors.index.json", "w") as f:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
@@ -49,34 +50,15 @@ def mntp_loss(hidden: torch.Tensor, labels: torch.Tensor, head_weight: torch.Ten
 # Contrastive
 
 
-class _AllGather(torch.autograd.Function):
-    """all_gather whose backward sends every rank's gradient for slice r back to rank r (summed)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
-        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(out, x.contiguous())
-        return torch.cat(out)  # (world_size * n, ...)
-
-    @staticmethod
-    def backward(ctx, grad):
-        # Every rank's loss depends on every slice: sum the gradients, keep our own slice. (all_reduce
-        # rather than reduce_scatter: the latter is missing on gloo.)
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
-
-
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate x (n, ...) from all ranks in rank order -> (world_size * n, ...); identity when not
     distributed; every rank passes the same n. Without it each rank would contrast against its own
     slice only: DDP would shrink the pool of in-batch negatives. Every rank computes the same global
-    loss L; the backward sums all ranks' gradients for slice r onto rank r (world_size x dL/dslice_r),
-    which DDP's averaging divides back: the exact gradient of L, with no scaling by the caller."""
+    loss L; torch.distributed.nn's all_gather sums all ranks' gradients for slice r onto rank r
+    (world_size x dL/dslice_r), which DDP's averaging divides back: the exact gradient of L."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    return _AllGather.apply(x)
+    return torch.cat(dist_nn.all_gather(x))
 
 
 def contrastive_loss(q: torch.Tensor, d: torch.Tensor, hard_negatives: torch.Tensor | None = None,

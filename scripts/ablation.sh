@@ -1,36 +1,46 @@
 #!/usr/bin/env bash
-# The LLM2Vec ablation on the demo model, one row per call (docs/results.md has the table):
-#   bash scripts/ablation.sh ROW [TASKS]
-#   ROW: uni | uni-weighted | bi | bi-mntp | bi-mntp-simcse | bi-mntp-simcse-lowlr | uni-simcse | bi-simcse
-#        | bi-mntp-lr1e-3 | bi-mntp-lr1e-3-simcse   (second attempt: MNTP at lr 1e-3, SimCSE at batch 64)
+# The demo model's results table, one row per call (docs/results.md):
+#   bash scripts/ablation.sh ROW [TASKS]       then   python scripts/results_table.py
+#   ROW: uni | uni-weighted | bi | prompteol                       (no training)
+#        | paper | paper-weighted                                 (Bi+MNTP+SimCSE, the paper's recipe)
+#        | prompteol-simcse | prompteol-simcse-instruction        (causal + PromptEOL + SimCSE)
+#        | supervised-sick                                        (PromptEOL + SICK-train triples)
+#        | bi-mntp-lr1e-3 | bi-mntp-lr1e-3-simcse | uni-simcse | bi-simcse   (session 2's rows)
 # Trains what the row needs (configs/ablation/*.json, outputs in runs/ablation/) unless its adapter
-# exists, then evaluates (bf16 autocast) into runs/ablation/eval/ROW.<tasks>.json.
-# TASKS defaults to the final table; settings and checkpoints were chosen on STS-B dev only.
+# exists, then evaluates into docs/results/ROW.json. TASKS defaults to the dev sets and the 7 STS test
+# sets; checkpoints and settings were chosen on the dev sets only. Several jobs on a 2-core CPU:
+# OMP_NUM_THREADS=1 each.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 row=${1:?usage: scripts/ablation.sh ROW [TASKS]}
-tasks=${2:-stsb-test,sick-r-test,sts12,sts13,sts14,sts15,sts16,cranfield}
+tasks=${2:-dev,sts}
+prompt='This sentence : "{text}" means in one word:"'
+[ -f data/sts-dev-500.csv ] || { mkdir -p data && head -500 ../shared/data/stsbenchmark/sts-dev.csv > data/sts-dev-500.csv; }
+[ -f data/sick-train-triples.jsonl ] || python scripts/sick_triples.py
 train() {  # one stage, skipped when its final adapter is already there
   [ -f "runs/ablation/$1/final/adapter_model.safetensors" ] || python train.py --config "configs/ablation/$1.json" --progress false
 }
-ev() {
-  python eval.py --model models/smollm2-135m-instruct --tasks "$tasks" --autocast bfloat16 --batch-size 64 \
-    --out "runs/ablation/eval/$row.${tasks//,/+}.json" "$@"
-}
+ev() { python eval.py --tasks "$tasks" --out "docs/results/$row.json" "$@"; }
+a=runs/ablation
+eol=(--causal --pooling last_token --prompt "$prompt")  # PromptEOL: causal, the prompt, its last token
 case "$row" in
   uni)            ev --causal --pooling mean ;;
   uni-weighted)   ev --causal --pooling weighted_mean ;;
   bi)             ev --pooling mean ;;
-  bi-mntp)        train mntp && ev --pooling mean --adapter runs/ablation/mntp/final ;;
-  bi-mntp-simcse) train mntp && train mntp-simcse &&
-                  ev --pooling mean --adapter runs/ablation/mntp/final --adapter runs/ablation/mntp-simcse/final ;;
-  bi-mntp-simcse-lowlr) train mntp && train mntp-simcse-lowlr &&
-                  ev --pooling mean --adapter runs/ablation/mntp/final --adapter runs/ablation/mntp-simcse-lowlr/final ;;
-  # MNTP at lr 1e-3: the step-40 checkpoint is the one chosen on STS-B dev (49.8; step 120: 36.4).
-  bi-mntp-lr1e-3) train mntp-lr1e-3 && ev --pooling mean --adapter runs/ablation/mntp-lr1e-3/checkpoint-000040 ;;
+  prompteol)      ev "${eol[@]}" --sts-instruction '' ;;
+  paper)          train paper-mntp && train paper-simcse &&
+                  ev --pooling mean --adapter $a/paper-mntp/checkpoint-000040 --adapter $a/paper-simcse/final ;;
+  paper-weighted) train paper-mntp && train paper-simcse &&
+                  ev --pooling weighted_mean --adapter $a/paper-mntp/checkpoint-000040 --adapter $a/paper-simcse/final ;;
+  prompteol-simcse) train prompteol-simcse && ev "${eol[@]}" --sts-instruction '' --adapter $a/prompteol-simcse/final ;;
+  prompteol-simcse-instruction) train prompteol-simcse-instruction &&
+                  ev "${eol[@]}" --adapter $a/prompteol-simcse-instruction/final ;;
+  supervised-sick) train supervised-sick && ev "${eol[@]}" --sts-instruction '' --adapter $a/supervised-sick/final ;;
+  # session 2: MNTP at lr 1e-3, its step-40 checkpoint chosen on STS-B dev; SimCSE 80 x 64 at 32 tokens
+  bi-mntp-lr1e-3) train mntp-lr1e-3 && ev --pooling mean --adapter $a/mntp-lr1e-3/checkpoint-000040 ;;
   bi-mntp-lr1e-3-simcse) train mntp-lr1e-3 && train mntp-lr1e-3-simcse &&
-                  ev --pooling mean --adapter runs/ablation/mntp-lr1e-3/checkpoint-000040 --adapter runs/ablation/mntp-lr1e-3-simcse/final ;;
-  uni-simcse)     train uni-simcse && ev --causal --pooling mean --adapter runs/ablation/uni-simcse/final ;;
-  bi-simcse)      train bi-simcse && ev --pooling mean --adapter runs/ablation/bi-simcse/final ;;
+                  ev --pooling mean --adapter $a/mntp-lr1e-3/checkpoint-000040 --adapter $a/mntp-lr1e-3-simcse/final ;;
+  uni-simcse)     train uni-simcse && ev --causal --pooling mean --adapter $a/uni-simcse/final ;;
+  bi-simcse)      train bi-simcse && ev --pooling mean --adapter $a/bi-simcse/final ;;
   *) echo "unknown row $row" >&2; exit 2 ;;
 esac

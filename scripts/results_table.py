@@ -1,45 +1,77 @@
-"""Collect runs/ablation/eval/*.json (written by scripts/ablation.sh) into one markdown table.
+"""The results table of docs/results.md and the README's summary, from the evaluation JSON files.
 
-    python scripts/results_table.py [runs/ablation/eval]
+    python scripts/results_table.py          # rewrites both tables in place from docs/results/*.json
+
+`scripts/ablation.sh ROW` writes docs/results/ROW.json (eval.py's output); a row may also have more
+files (ROW.<anything>.json, e.g. dev-only runs), merged in name order. Rows missing files are skipped.
 """
 import json
+import re
 import sys
 from pathlib import Path
 
-# The reported rows first (second attempt for the trained bidirectional rows, chosen on STS-B dev),
-# then the earlier attempts, kept as negative results.
-ROWS = ["uni", "uni-weighted", "bi", "bi-mntp-lr1e-3", "bi-mntp-lr1e-3-simcse", "uni-simcse", "bi-simcse",
-        "bi-mntp", "bi-mntp-simcse", "bi-mntp-simcse-lowlr"]
-LABELS = {"uni": "Uni (causal, mean)", "uni-weighted": "Uni (causal, weighted mean)", "bi": "Bi (mean)",
-          "bi-mntp-lr1e-3": "Bi+MNTP", "bi-mntp-lr1e-3-simcse": "Bi+MNTP+SimCSE",
-          "uni-simcse": "Uni+SimCSE (ablation)", "bi-simcse": "Bi+SimCSE, no MNTP (ablation)",
-          "bi-mntp": "1st try: Bi+MNTP (lr 2e-4, step 120)",
-          "bi-mntp-simcse": "1st try: Bi+MNTP+SimCSE (lr 2e-4, bf16 weights)",
-          "bi-mntp-simcse-lowlr": "1st try: Bi+MNTP+SimCSE (lr 5e-5, fp32 weights)"}
-COLUMNS = [("stsb-dev", "spearman"), ("stsb-test", "spearman"), ("sick-r-test", "spearman"),
-           ("sts12", "spearman"), ("sts13", "spearman"), ("sts14", "spearman"), ("sts15", "spearman"),
-           ("sts16", "spearman"), ("cranfield", "ndcg@10"), ("cranfield", "recall@100")]
+ROOT = Path(__file__).resolve().parent.parent
+# (row, label, shown in the README summary); the order of the tables.
+ROWS = [
+    ("uni", "Uni: causal, mean (untrained)", True),
+    ("uni-weighted", "Uni: causal, weighted mean (untrained)", True),
+    ("bi", "Bi: bidirectional, mean (untrained)", True),
+    ("prompteol", "PromptEOL: causal, prompt, last token (untrained)", True),
+    ("bi-mntp-lr1e-3", "Bi+MNTP (session 2)", False),
+    ("bi-mntp-lr1e-3-simcse", "Bi+MNTP+SimCSE (session 2: 80 x 64 at 32 tokens)", False),
+    ("paper", "Bi+MNTP+SimCSE, mean (the paper's recipe, this session)", True),
+    ("paper-weighted", "Bi+MNTP+SimCSE, weighted mean", False),
+    ("prompteol-simcse", "Causal+PromptEOL+SimCSE, last token", True),
+    ("prompteol-simcse-instruction", "Causal+PromptEOL+SimCSE trained with the STS instruction", False),
+    ("supervised-sick", "Supervised: PromptEOL + SICK-train triples (in-domain for SICK-R)", True),
+    ("uni-simcse", "Uni+SimCSE, mean (ablation, session 1 settings)", False),
+    ("bi-simcse", "Bi+SimCSE, no MNTP (ablation, session 1 settings)", False),
+]
 STS_TEST = ["stsb-test", "sick-r-test", "sts12", "sts13", "sts14", "sts15", "sts16"]
+FULL = [("stsb-dev", "spearman"), ("sick-r-trial", "spearman")] + [(t, "spearman") for t in STS_TEST] + \
+       [("cranfield", "ndcg@10"), ("cranfield", "recall@100")]
+SUMMARY = [("stsb-dev", "spearman"), ("stsb-test", "spearman"), ("sick-r-test", "spearman")]
 
 
-def main(folder="runs/ablation/eval"):
+def load(folder: Path) -> dict:
     scores = {}
-    for path in sorted(Path(folder).glob("*.json")):
+    for path in sorted(folder.glob("*.json")):
         row = path.name.split(".")[0]
         for r in json.loads(path.read_text())["results"]:
             for metric, value in r["scores"].items():
                 scores.setdefault(row, {})[(r["task"], metric)] = value
-    columns = [c for c in COLUMNS if any(c in v for v in scores.values())]  # drop unmeasured tasks
-    head = [f"{t} {'' if m == 'spearman' else m}".strip() for t, m in columns]
-    print("| row | " + " | ".join(head) + " | STS avg (7 test sets) |")
-    print("|---|" + "---|" * (len(columns) + 1))
-    for row in ROWS:
-        if row in scores:
-            cells = [f"{scores[row][c]:.1f}" if c in scores[row] else "–" for c in columns]
-            sts = [scores[row].get((t, "spearman")) for t in STS_TEST]
-            cells.append(f"{sum(sts) / len(sts):.1f}" if None not in sts else "–")
-            print(f"| {LABELS[row]} | " + " | ".join(cells) + " |")
+    return scores
+
+
+def table(scores: dict, columns, summary: bool) -> str:
+    head = [t if m == "spearman" else f"{t} {m}" for t, m in columns]
+    lines = ["| row | " + " | ".join(head) + " | STS avg (7 test sets) |", "|---|" + "---|" * (len(columns) + 1)]
+    for row, label, in_summary in ROWS:
+        if row not in scores or (summary and not in_summary):
+            continue
+        got = scores[row]
+        cells = [f"{got[c]:.1f}" if got.get(c) is not None else "–" for c in columns]
+        sts = [got.get((t, "spearman")) for t in STS_TEST]
+        cells.append(f"{sum(sts) / len(sts):.1f}" if None not in sts else "–")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def replace(path: Path, name: str, text: str) -> None:
+    """Put text between the file's <!-- name --> and <!-- /name --> markers."""
+    src = path.read_text()
+    pattern = re.compile(rf"(<!-- {name} -->\n).*?(\n<!-- /{name} -->)", re.S)
+    if not pattern.search(src):
+        sys.exit(f"results_table.py: error: {path}: no <!-- {name} --> ... <!-- /{name} --> markers")
+    path.write_text(pattern.sub(lambda m: m[1] + text + m[2], src))
+
+
+def main():
+    scores = load(ROOT / "docs" / "results")
+    replace(ROOT / "docs" / "results.md", "table", table(scores, FULL, summary=False))
+    replace(ROOT / "README.md", "results", table(scores, SUMMARY, summary=True))
+    print(f"tables rewritten from {len(scores)} rows")
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    main()

@@ -1,9 +1,6 @@
 """HF model folder <-> `l2v.model.Transformer`, with `safetensors` only (no transformers, no pickles).
-
-Our module names are HF's minus the leading `model.`, so the key map is one prefix. q/k weights load
-verbatim because `model.py` uses HF's `rotate_half` RoPE layout; HF's conversion script already
-applied its "permute for sliced rotary" to Meta's weights, and we must not undo it.
-"""
+Module names are HF's minus `model.`; q/k weights load verbatim because `model.py` uses HF's
+`rotate_half` RoPE layout (HF's conversion already applied its "permute for sliced rotary")."""
 from __future__ import annotations
 
 import contextlib

@@ -1,12 +1,5 @@
-"""Training data: readers for local files, MNTP blocks and masking, deterministic rank-aware batches.
-
-Readers (all UTF-8; errors name the file, and the line where there is one): `read_records` reads
-text files (.txt, WikiText's .raw as released: one record per non-blank line), .jsonl (one JSON value
-per line) and .json (a list); `read_texts` and `read_triples` check the records' fields.
-
-MNTP follows upstream llm2vec's run_mntp.py (itself HF's run_mlm.py): tokenize each line, concatenate,
-cut into blocks, mask 20% of the tokens. See `mntp_blocks` and `mask_tokens`.
-"""
+"""Training data: file readers (UTF-8; errors name the file and line), MNTP blocks and masking as
+upstream's run_mntp.py (HF's run_mlm.py), global batches that do not depend on the world size."""
 from __future__ import annotations
 
 import json
@@ -17,8 +10,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-# -----------------------------------------------------------------------------
-# Readers
+# ----------------------------------------------------------------------------- readers
 
 
 TEXT_SUFFIXES = (".txt", ".raw", ".text", ".tsv")
@@ -102,10 +94,8 @@ TRIPLE_FIELDS = ("query", "positive", "negative")
 
 
 def read_triples(path: str | os.PathLike) -> list[dict]:
-    """Supervised records {query, positive, negative, instruction ("" if absent), ...other fields kept}.
-
-    Other fields (e.g. "dataset") pass through unchanged, so a caller can group batches by them.
-    """
+    """Supervised records {query, positive, negative, instruction ("" if absent)}; other fields (e.g.
+    "dataset", to group batches by) pass through."""
     out = []
     for where, item in read_records(path):
         rec = dict(item) if isinstance(item, dict) else {}
@@ -120,8 +110,7 @@ def read_triples(path: str | os.PathLike) -> list[dict]:
     return out
 
 
-# -----------------------------------------------------------------------------
-# MNTP
+# ----------------------------------------------------------------------------- mntp
 
 
 def mntp_blocks(tokenizer, texts: Sequence[str], block_size: int, chunk: int = 10_000) -> torch.Tensor:
@@ -200,8 +189,7 @@ def mask_tokens(input_ids: torch.Tensor, *, mask_id: int, special_ids: Sequence[
     return masked, labels
 
 
-# -----------------------------------------------------------------------------
-# Batching
+# ----------------------------------------------------------------------------- batching
 
 
 def batches(n: int, batch_size: int, *, seed: int, epoch: int = 0, groups: Sequence | None = None) -> list[list[int]]:

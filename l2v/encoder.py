@@ -16,6 +16,7 @@ not pool it. Deliberate differences from upstream, none of which changes a singl
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +34,6 @@ CHAT_TEMPLATES = {
     "llama3": ("<|start_header_id|>user<|end_header_id|>\n\n", "<|eot_id|>"),
     "chatml": ("<|im_start|>user\n", "<|im_end|>"),  # Qwen2, SmolLM2
 }
-TEMPLATE_TOKENS = {"llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
-                   "chatml": ("<|im_start|>", "<|im_end|>")}
 
 
 def pool_weights(mode: str, embed_mask, input_ids=None, bos_id: int | None = None) -> np.ndarray:
@@ -144,12 +143,9 @@ def read_llm2vec_config(*folders) -> dict:
     return out
 
 
-def detect_chat_template(tokenizer: Tokenizer) -> str | None:
-    """The template whose special tokens this vocabulary has (for chat_template="auto"), or None."""
-    for name, tokens in TEMPLATE_TOKENS.items():
-        if all(tokenizer.token_id(t) is not None for t in tokens):
-            return name
-    return None
+def missing_template_tokens(name: str, tokenizer: Tokenizer) -> list[str]:
+    """The special tokens (<|...|>) of a chat template that this vocabulary lacks."""
+    return [t for t in re.findall(r"<\|\w+\|>", "".join(CHAT_TEMPLATES[name])) if tokenizer.token_id(t) is None]
 
 
 def eos_suffix_for(model_type: str, tokenizer: Tokenizer) -> str:
@@ -172,14 +168,13 @@ class Encoder:
                  eos_suffix: str = " </s>", prompt: str | None = None, autocast=None, row_tokens: int = 128):
         if pooling not in POOLING_MODES:
             raise ValueError(f"unknown pooling mode {pooling!r}; choose one of {POOLING_MODES}")
-        if chat_template == "auto":
-            chat_template = detect_chat_template(tokenizer)
-        if chat_template is not None:
-            if chat_template not in CHAT_TEMPLATES:
-                raise ValueError(f"unknown chat template {chat_template!r}; choose one of {sorted(CHAT_TEMPLATES)}")
-            missing = [t for t in TEMPLATE_TOKENS[chat_template] if tokenizer.token_id(t) is None]
-            if missing:
-                raise ValueError(f"chat template {chat_template!r}: tokens {missing} are not in this vocabulary")
+        if chat_template == "auto":  # the template whose special tokens this vocabulary has, if any
+            chat_template = next((n for n in CHAT_TEMPLATES if not missing_template_tokens(n, tokenizer)), None)
+        if chat_template is not None and chat_template not in CHAT_TEMPLATES:
+            raise ValueError(f"unknown chat template {chat_template!r}; choose one of {sorted(CHAT_TEMPLATES)}")
+        if chat_template is not None and missing_template_tokens(chat_template, tokenizer):
+            raise ValueError(f"chat template {chat_template!r}: tokens {missing_template_tokens(chat_template, tokenizer)} "
+                             "are not in this vocabulary")
         if prompt is not None and prompt.count("{text}") != 1:
             raise ValueError(f"prompt {prompt!r}: needs exactly one {{text}} slot")
         for name, value in (("max_length", max_length), ("doc_max_length", doc_max_length), ("row_tokens", row_tokens)):

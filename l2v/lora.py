@@ -280,12 +280,9 @@ def read_adapter(folder: str | os.PathLike, model: nn.Module) -> tuple[dict, dic
 
 @torch.no_grad()
 def load_adapter(model: nn.Module, folder: str | os.PathLike, merge: bool = True) -> list[str]:
-    """Apply a PEFT LoRA folder (ours, peft's, upstream llm2vec's). Returns the adapted module paths.
-
-    merge=True folds W += scaling * B @ A into the base weights (the model stays plain, nothing else
-    changes). merge=False swaps in LoRALinear modules holding the loaded A/B and freezes everything
-    else, as `add_lora` does: ready to continue training. Nothing is modified if any check fails.
-    """
+    """Apply a PEFT LoRA folder (ours, peft's, upstream llm2vec's); returns the adapted module paths.
+    merge=True folds scaling * B @ A into the base weights; merge=False keeps LoRALinear modules and
+    freezes the rest, ready to train on. Nothing is modified if any check fails."""
     cfg, found = read_adapter(folder, model)
     rslora = bool(cfg.get("use_rslora", False))
     dropout = float(cfg.get("lora_dropout", 0.0) or 0.0)

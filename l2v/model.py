@@ -6,10 +6,9 @@ names and the `rotate_half` RoPE layout, so HF q/k weights load without any perm
 Families, all read from the checkpoint's own config.json: Llama 2, Llama 3, Llama 3.1/3.2 (`llama3`
 RoPE scaling), Mistral (sliding window), Qwen2 (q/k/v biases), SmolLM2 (tied embeddings).
 
-The model returns hidden states after the final norm. It knows nothing of LoRA (swapped in from
-outside by `l2v.lora`), files (`l2v.checkpoint`) or pooling (`l2v.encoder`).
-
-Shapes: B batch, T tokens, D model dim, H query heads, K key/value heads, hd head dim.
+It returns hidden states after the final norm and knows nothing of LoRA (`l2v.lora` swaps projections
+from outside), files (`l2v.checkpoint`) or pooling (`l2v.encoder`). Shapes: B batch, T tokens, D model
+dim, H query heads, K key/value heads, hd head dim.
 """
 from __future__ import annotations
 
@@ -203,12 +202,9 @@ class Block(nn.Module):
 def build_mask(segments: torch.Tensor | None, is_causal: bool, window: int | None, T: int,
                device) -> torch.Tensor | None:
     """Boolean (B|1, 1, T, T) mask for SDPA (True = may attend), or None when the flag suffices.
-
-    segments (B, T): 0 = padding, k > 0 = a token of the k-th text packed in the row. A query sees the
-    keys of its own text only: all of them (bidirectional) or those at or before it, within the sliding
-    window if the checkpoint has one (causal). Each row may always see itself, so a padding query never
-    has an empty row (NaN in SDPA); real rows are unaffected because their own position is visible anyway.
-    """
+    segments (B, T): 0 = padding, k > 0 = the row's k-th text. A query sees its own text's keys: all
+    (bidirectional), or those at or before it, within a sliding window if any (causal). Every row sees
+    itself, so a padding query never has an empty row (NaN in SDPA)."""
     use_window = is_causal and window is not None and T > window
     if segments is None and not use_window:
         return None
@@ -248,13 +244,10 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 is_causal: bool | None = None) -> torch.Tensor:
-        """input_ids (B, T) -> final hidden states (B, T, D) after the last norm.
-
-        attention_mask (B, T): 0 = padding (either side), 1 = a real token; or, for packed rows, k > 0 =
-        a token of the row's k-th text. Texts attend only within themselves and their RoPE positions start
-        at 0, so a text computes the same alone, padded or packed with others (up to rounding). Pass None
-        for unpadded rows of one text each: it is not inferred, as that would stall a GPU on every call.
-        """
+        """input_ids (B, T) -> final hidden states (B, T, D). attention_mask (B, T): 0 = padding (either
+        side), k > 0 = a token of the row's k-th text (1 for one text per row). Texts attend only within
+        themselves and their RoPE positions start at 0: a text computes the same alone or packed (up to
+        rounding). None = unpadded rows of one text; not inferred, as that would stall a GPU every call."""
         is_causal = self.config.is_causal if is_causal is None else is_causal
         B, T = input_ids.shape
         if attention_mask is None:  # one unpadded text per row: SDPA's fast unmasked path

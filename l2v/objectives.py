@@ -1,11 +1,7 @@
-"""Training objectives as small pure functions: MNTP and contrastive (SimCSE / supervised) losses.
-
-Conventions (llm2vec, see ../shared/reference/llm2vec-facts.md sections 2-4):
-- MNTP: the token at position t is predicted from the output at position t-1 (the causal-LM shift,
-  kept although attention is bidirectional); mean cross-entropy over masked tokens.
-- Contrastive: cosine similarity x scale (20 for SimCSE, 50 for supervised), cross-entropy with the
-  positive on the diagonal, every other gathered document (and hard negative) a negative.
-"""
+"""Training objectives as small pure functions, with llm2vec's conventions. MNTP: the token at t is
+predicted from the output at t-1 (the causal-LM shift, kept although attention is bidirectional).
+Contrastive: cosine x scale (20 SimCSE, 50 supervised), cross-entropy with the positive on the
+diagonal, every other gathered document (and hard negative) a negative."""
 from __future__ import annotations
 
 import torch
@@ -13,8 +9,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 
-# -----------------------------------------------------------------------------
-# MNTP
+# ----------------------------------------------------------------------------- mntp
 
 
 def num_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -24,19 +19,11 @@ def num_targets(labels: torch.Tensor) -> torch.Tensor:
 
 def mntp_loss(hidden: torch.Tensor, labels: torch.Tensor, head_weight: torch.Tensor,
               normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
-    """Masked next-token prediction: sum of float32 cross-entropies / normalizer.
-
-    hidden (B, T, D) final hidden states; labels (B, T) = original id at masked positions, -100
-    elsewhere; head_weight (V, D) the LM head. The head runs only on the ~20% of positions that
-    predict a masked token: with a 49k vocabulary the full (B, T, V) logits would cost more memory
-    than the rest of the step.
-
-    normalizer: the default (the number of scored tokens in THIS batch) gives the per-batch mean.
-    With gradient accumulation and/or DDP pass the GLOBAL count instead, so that the step's gradient
-    is that of the exact mean over every masked token of the global batch (micro-batches hold
-    different numbers of masked tokens): sum `num_targets` over this rank's micro-batches, all-reduce
-    over ranks, and divide by the world size, since DDP averages gradients over ranks.
-    """
+    """Masked next-token prediction: sum of float32 cross-entropies / normalizer. hidden (B, T, D),
+    labels (B, T) = the original id where masked, else -100; head_weight (V, D). The head runs only on
+    the ~20% of positions that predict a masked token (full logits would outweigh the rest of the step).
+    normalizer: default the scored tokens of THIS batch; with accumulation or DDP, the GLOBAL count over
+    micro-batches and ranks / world size (DDP averages gradients), so every masked token weighs the same."""
     targets = labels[:, 1:]  # (B, T-1): the label predicted by each output position 0..T-2
     sel = targets != -100
     logits = F.linear(hidden[:, :-1][sel], head_weight).float()  # (N, V), N = number of scored tokens
@@ -46,8 +33,7 @@ def mntp_loss(hidden: torch.Tensor, labels: torch.Tensor, head_weight: torch.Ten
     return loss / normalizer
 
 
-# -----------------------------------------------------------------------------
-# Contrastive
+# ----------------------------------------------------------------------------- contrastive
 
 
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:

@@ -26,11 +26,9 @@ class Tokenizer:
             raise ValueError(f"{path}: cannot be read by `tokenizers`: {e}") from None
         self.tok.no_truncation()
         self.tok.no_padding()
-        cfg = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
-        smap = read_json(folder / "special_tokens_map.json") if (folder / "special_tokens_map.json").is_file() else {}
-        names = {}
-        for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
-            names[name] = _content(smap.get(name)) or _content(cfg.get(name))
+        cfg, smap = ({} if not (folder / f).is_file() else read_json(folder / f)
+                     for f in ("tokenizer_config.json", "special_tokens_map.json"))
+        names = {n: _content(smap.get(n)) or _content(cfg.get(n)) for n in ("bos_token", "eos_token", "pad_token", "unk_token")}
         self.bos_token, self.eos_token = names["bos_token"], names["eos_token"]
         self.bos_id, self.eos_id = self.token_id(self.bos_token), self.token_id(self.eos_token)
         self.unk_id = self.token_id(names["unk_token"])
@@ -50,10 +48,8 @@ class Tokenizer:
         ids = self.tok.encode(text, add_special_tokens=add_special_tokens).ids
         return ids[:max_length] if max_length is not None else ids
 
-    def encode_batch(self, texts: list[str], add_special_tokens: bool = True,
-                     max_length: int | None = None) -> list[list[int]]:
-        out = self.tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)
-        return [e.ids[:max_length] if max_length is not None else e.ids for e in out]
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

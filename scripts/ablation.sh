@@ -29,9 +29,9 @@ case "$row" in
   bi)             ev --pooling mean ;;
   prompteol)      ev "${eol[@]}" --sts-instruction '' ;;
   paper)          train paper-mntp && train paper-simcse &&
-                  ev --pooling mean --adapter $a/paper-mntp/checkpoint-000040 --adapter $a/paper-simcse/final ;;
+                  ev --pooling mean --adapter $a/paper-mntp/final --adapter $a/paper-simcse/final ;;
   paper-weighted) train paper-mntp && train paper-simcse &&
-                  ev --pooling weighted_mean --adapter $a/paper-mntp/checkpoint-000040 --adapter $a/paper-simcse/final ;;
+                  ev --pooling weighted_mean --adapter $a/paper-mntp/final --adapter $a/paper-simcse/final ;;
   prompteol-simcse) train prompteol-simcse && ev "${eol[@]}" --sts-instruction '' --adapter $a/prompteol-simcse/final ;;
   prompteol-simcse-instruction) train prompteol-simcse-instruction &&
                   ev "${eol[@]}" --adapter $a/prompteol-simcse-instruction/final ;;

@@ -485,10 +485,15 @@ def main(argv=None):
         check_out_file(args.out, "--out", ".json")
         from l2v.encoder import Encoder
         t0 = time.perf_counter()
+        # Each task's instruction must leave room for a text within max_length: checked before the weights load.
+        instructions = {args.sts_instruction if TASKS[n].kind == "sts" else TASKS[n].instruction for n in tasks}
         encoder = Encoder.from_pretrained(args.model, adapters=args.adapter, is_causal=args.causal, dtype=args.dtype,
                                           pooling=args.pooling, max_length=args.max_length, prompt=args.prompt,
-                                          chat_template=args.chat_template, device=args.device, autocast=args.autocast)
+                                          chat_template=args.chat_template, device=args.device, autocast=args.autocast,
+                                          check_inputs=[(i or "", "text") for i in instructions])
     except (ValueError, OSError, TypeError) as e:
+        if "no room for the text" in str(e):  # from check_inputs: name the flags, not an input number
+            e = ValueError("--sts-instruction / --prompt / --max-length: " + str(e).split(": ", 1)[1])
         fail("eval.py", e, args.debug)
     print(f"loaded {args.model} (+{len(args.adapter)} adapters, {'causal' if args.causal else 'bidirectional'}, "
           f"pooling={encoder.pooling}, autocast={encoder.autocast}) in {time.perf_counter() - t0:.1f}s")

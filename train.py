@@ -227,13 +227,16 @@ def check_run(cfg: dict, world: int):
         raise UserError(f"--output_dir {out}: exists and is not a folder")
     if cfg["merge_out"] and merge_out.exists() and any(merge_out.iterdir()):
         raise UserError(f"--merge_out {merge_out}: exists and is not empty")
-    ours = sorted(p for p in out.glob("*") if p.name.startswith(("checkpoint-", ".tmp-checkpoint-"))
-                  or p.name in ("final", "log.jsonl", "train_config.json")) if out.is_dir() else []
+    present = sorted(p for p in out.iterdir() if not p.name.startswith(".write-test")) if out.is_dir() else []
+    ours = [p for p in present if p.name.startswith(("checkpoint-", ".tmp-checkpoint-"))
+            or p.name in ("final", "log.jsonl", "train_config.json")]
     ckpt = None
     if cfg["resume"]:
-        ckpt = latest_intact_checkpoint(out, meta)
+        ckpt, damaged = latest_intact_checkpoint(out, meta)
         if ckpt is None:
-            raise UserError(f"--resume: no intact checkpoint in {out}")
+            raise UserError(f"--resume: no intact checkpoint in {out}" + (f" ({'; '.join(damaged)})" if damaged else ""))
+        for d in damaged:
+            print(f"train.py: warning: {d}", file=sys.stderr)
         saved = read_json(ckpt / "train_config.json")
         changed = [k for k in DEFAULTS if k not in RESUMABLE and saved.get(k, DEFAULTS[k]) != cfg[k]]
         if changed:
@@ -242,33 +245,36 @@ def check_run(cfg: dict, world: int):
         step = torch.load(ckpt / "trainer_state.pt", weights_only=True)["step"]
         if cfg["max_steps"] < step:
             raise UserError(f"--max_steps {cfg['max_steps']}: below the checkpoint's step {step} ({ckpt})")
-    elif ours and not cfg["overwrite"]:
-        raise UserError(f"--output_dir {out}: holds an earlier run ({', '.join(p.name for p in ours[:3])}"
-                        f"{', ...' if len(ours) > 3 else ''}); pass --resume true to continue it or --overwrite true")
+    elif present and not cfg["overwrite"]:
+        what = "holds an earlier run" if ours else "is not empty"
+        raise UserError(f"--output_dir {out}: {what} ({', '.join(p.name for p in present[:3])}{', ...' * (len(present) > 3)})"
+                        "; pass --resume true to continue a run or --overwrite true (deletes only a run's files)")
     elif ours and int(os.environ.get("RANK", 0)) == 0:
         for p in ours:  # --overwrite: the earlier run's files only; anything else in the folder stays
             shutil.rmtree(p) if p.is_dir() else p.unlink()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / ".write-test").touch()
-        (out / ".write-test").unlink()
+        probe = out / f".write-test-{os.environ.get('RANK', 0)}"
+        probe.touch()
+        probe.unlink()
     except OSError as e:
         raise UserError(f"--output_dir {out}: not writable ({e.strerror})") from None
     return tok, data, eval_data, sts, ckpt
 
 
-def latest_intact_checkpoint(out: Path, meta_model) -> Path | None:
-    """The newest checkpoint whose files all read back; damaged newer ones are reported and skipped."""
+def latest_intact_checkpoint(out: Path, meta_model) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint whose files all read back, and what is wrong with the newer, damaged ones."""
+    damaged = []
     for ckpt in sorted(out.glob("checkpoint-*"), reverse=True):
         try:
             read_json(ckpt / "train_config.json")
             read_adapter(ckpt, meta_model)
             for f in ["trainer_state.pt"] + [f.name for f in ckpt.glob("rng_rank*.pt")]:
                 torch.load(ckpt / f, weights_only=True)
-            return ckpt
+            return ckpt, damaged
         except Exception as e:  # any damage: truncated file, bad pickle, missing file
-            print(f"train.py: warning: {ckpt}: damaged, skipped ({type(e).__name__}: {str(e)[:200]})", file=sys.stderr)
-    return None
+            damaged.append(f"{ckpt}: damaged, skipped ({type(e).__name__}: {str(e)[:200]})")
+    return None, damaged
 
 
 # ----------------------------------------------------------------------------- distributed, checkpoints
@@ -359,6 +365,7 @@ def main(argv=None) -> None:
         tok, data, eval_data, sts, ckpt = check_run(cfg, world)
     except (UserError, ValueError, OSError) as e:
         fail("train.py", e, "--debug" in argv)
+    barrier()  # every rank has checked the output folder before rank 0 writes into it
     master, out = rank == 0, Path(cfg["output_dir"])
     print0 = print if master else (lambda *a, **k: None)
     torch.manual_seed(cfg["seed"] + rank)

@@ -157,6 +157,7 @@ def test_encode_api_refuses_a_bare_pair(tok):
 TRAIN = [  # (extra argv, words the message must contain); the finished run is passed as output_dir
     ([], ["--output_dir", "earlier run", "--resume"]),
     (["--output_dir", "{d}/file"], ["--output_dir", "not a folder"]),
+    (["--output_dir", "{d}"], ["--output_dir", "not empty", "--overwrite"]),  # a user's folder, no run in it
     (["--output_dir", "{d}/fresh", "--resume", "true"], ["--resume", "checkpoint"]),
     (["--resume", "true", "--lr", "0.1"], ["--resume", "lr"]),
     (["--resume", "true", "--lora_r", "8"], ["--resume", "lora_r"]),
@@ -230,6 +231,7 @@ EVAL = [
     (["--max-length", "0"], ["--max-length"]),
     (["--adapter", "{d}/adapter-nan"], ["adapter-nan", "NaN"]),
     (["--prompt", "no slot"], ["prompt", "{text}"]),
+    (["--max-length", "8", "--sts-instruction", "word " * 20], ["--sts-instruction", "no room"]),
 ]
 
 
@@ -257,6 +259,8 @@ def test_resume_skips_a_damaged_checkpoint(files, tmp_path, capsys):
     shutil.rmtree(run / "final")
     with pytest.raises(SystemExit):
         train.main(base_args(files["tiny"], files["sents"].parent, run) + ["--resume", "true", "--max_steps", "3"])
+    line = one_error_line(capsys, "train.py")  # one line naming every damaged checkpoint
+    assert "no intact checkpoint" in line and "checkpoint-000001: damaged" in line and "checkpoint-000002" in line
 
 
 def test_evaluation_failure_never_loses_the_adapter(files, tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ ROWS = [
     ("bi", "Bi: bidirectional, mean (untrained)", True),
     ("prompteol", "PromptEOL: causal, prompt, last token (untrained)", True),
     ("bi-mntp-lr1e-3", "Bi+MNTP (session 2)", False),
-    ("bi-mntp-lr1e-3-simcse", "Bi+MNTP+SimCSE (session 2: 80 x 64 at 32 tokens)", False),
+    ("bi-mntp-lr1e-3-simcse", "Bi+MNTP+SimCSE, mean (session 2: 80 x 64 at 32 tokens)", True),
     ("paper", "Bi+MNTP+SimCSE, mean (the paper's recipe, this session)", True),
     ("paper-weighted", "Bi+MNTP+SimCSE, weighted mean", False),
     ("prompteol-simcse", "Causal+PromptEOL+SimCSE, last token", True),

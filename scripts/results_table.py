@@ -20,7 +20,7 @@ ROWS = [
     ("bi-mntp-lr1e-3", "Bi+MNTP (session 2)", False),
     ("bi-mntp-lr1e-3-simcse", "Bi+MNTP+SimCSE, mean (session 2: 80 x 64 at 32 tokens)", True),
     ("paper", "Bi+MNTP+SimCSE, mean (the paper's recipe, this session)", True),
-    ("paper-weighted", "Bi+MNTP+SimCSE, weighted mean", False),
+    ("paper-weighted", "Bi+MNTP+SimCSE, weighted mean (this session)", False),
     ("prompteol-simcse", "Causal+PromptEOL+SimCSE, last token", True),
     ("prompteol-simcse-instruction", "Causal+PromptEOL+SimCSE trained with the STS instruction", False),
     ("supervised-sick", "Supervised: PromptEOL + SICK-train triples (in-domain for SICK-R)", True),
@@ -60,10 +60,10 @@ def table(scores: dict, columns, summary: bool) -> str:
 def replace(path: Path, name: str, text: str) -> None:
     """Put text between the file's <!-- name --> and <!-- /name --> markers."""
     src = path.read_text()
-    pattern = re.compile(rf"(<!-- {name} -->\n).*?(\n<!-- /{name} -->)", re.S)
+    pattern = re.compile(rf"(<!-- {name} -->\n)(?:.*?\n)?(<!-- /{name} -->)", re.S)
     if not pattern.search(src):
         sys.exit(f"results_table.py: error: {path}: no <!-- {name} --> ... <!-- /{name} --> markers")
-    path.write_text(pattern.sub(lambda m: m[1] + text + m[2], src))
+    path.write_text(pattern.sub(lambda m: m[1] + text + "\n" + m[2], src))
 
 
 def main():

@@ -22,7 +22,7 @@ ROWS = [
     ("paper", "Bi+MNTP+SimCSE, mean (the paper's recipe, this session)", True),
     ("paper-weighted", "Bi+MNTP+SimCSE, weighted mean (this session)", False),
     ("prompteol-simcse", "Causal+PromptEOL+SimCSE, last token", True),
-    ("prompteol-simcse-instruction", "Causal+PromptEOL+SimCSE trained with the STS instruction", False),
+    ("prompteol-simcse-instruction", "Causal+PromptEOL+SimCSE trained and evaluated with the STS instruction", False),
     ("supervised-sick", "Supervised: PromptEOL + SICK-train triples (in-domain for SICK-R)", True),
     ("uni-simcse", "Uni+SimCSE, mean (ablation, session 1 settings)", False),
     ("bi-simcse", "Bi+SimCSE, no MNTP (ablation, session 1 settings)", False),

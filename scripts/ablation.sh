@@ -4,7 +4,7 @@
 #   ROW: uni | uni-weighted | bi | prompteol                       (no training)
 #        | paper | paper-weighted                                 (Bi+MNTP+SimCSE, the paper's recipe)
 #        | prompteol-simcse | prompteol-simcse-instruction        (causal + PromptEOL + SimCSE)
-#        | supervised-sick                                        (PromptEOL + SICK-train triples)
+#        | supervised-sick | supervised-sick-548                  (PromptEOL + SICK-train triples; the first set)
 #        | bi-mntp-lr1e-3 | bi-mntp-lr1e-3-simcse | uni-simcse | bi-simcse   (session 2's rows)
 # Trains what the row needs (configs/ablation/*.json, outputs in runs/ablation/) unless its adapter
 # exists, then evaluates into docs/results/ROW.json. TASKS defaults to the dev sets and the 7 STS test
@@ -16,7 +16,6 @@ row=${1:?usage: scripts/ablation.sh ROW [TASKS]}
 tasks=${2:-dev,sts}
 prompt='This sentence : "{text}" means in one word:"'
 [ -f data/sts-dev-500.csv ] || { mkdir -p data && head -500 ../shared/data/stsbenchmark/sts-dev.csv > data/sts-dev-500.csv; }
-[ -f data/sick-train-triples.jsonl ] || python scripts/sick_triples.py
 train() {  # one stage, skipped when its final adapter is already there
   [ -f "runs/ablation/$1/final/adapter_model.safetensors" ] || python train.py --config "configs/ablation/$1.json" --progress false
 }
@@ -35,7 +34,10 @@ case "$row" in
   prompteol-simcse) train prompteol-simcse && ev "${eol[@]}" --sts-instruction '' --adapter $a/prompteol-simcse/final ;;
   prompteol-simcse-instruction) train prompteol-simcse-instruction &&
                   ev "${eol[@]}" --adapter $a/prompteol-simcse-instruction/final ;;
-  supervised-sick) train supervised-sick && ev "${eol[@]}" --sts-instruction '' --adapter $a/supervised-sick/final ;;
+  supervised-sick) python scripts/sick_triples.py &&  # deterministic: an older set is never used
+                  train supervised-sick && ev "${eol[@]}" --sts-instruction '' --adapter $a/supervised-sick/final ;;
+  supervised-sick-548) python scripts/sick_triples.py --negatives contradiction --min-related 0 --out data/sick-train-triples-548.jsonl &&
+                  train supervised-sick-548 && ev "${eol[@]}" --sts-instruction '' --adapter $a/supervised-sick-548/final ;;
   # session 2: MNTP at lr 1e-3, its step-40 checkpoint chosen on STS-B dev; SimCSE 80 x 64 at 32 tokens
   bi-mntp-lr1e-3) train mntp-lr1e-3 && ev --pooling mean --adapter $a/mntp-lr1e-3/checkpoint-000040 ;;
   bi-mntp-lr1e-3-simcse) train mntp-lr1e-3 && train mntp-lr1e-3-simcse &&

@@ -1,36 +1,49 @@
-"""Supervised triples from SICK's training split: (premise, an entailed hypothesis, a contradicted one).
+"""Supervised triples from SICK's training split: (premise, a positive, a hard negative).
 
     python scripts/sick_triples.py                       # ../shared/data/sick/SICK_train.txt -> data/sick-train-triples.jsonl
     python scripts/sick_triples.py --split SICK_trial.txt --out data/sick-trial-triples.jsonl
 
-Pairs are read both ways (A with B, B with A): a premise is any sentence with at least one ENTAILMENT
-and one CONTRADICTION partner; each entailed partner becomes one triple, the contradicted partners taken
-in turn as its hard negatives. The data stays outside the repository (SICK is CC BY-NC-SA); `data/` is
-git-ignored.
+Pairs are read both ways (A with B, B with A). The default set (`--negatives any --min-related 4`,
+3,224 triples): each premise's positives are its ENTAILMENT partners and its NEUTRAL partners rated at
+least 4 for relatedness; a positive's hard negative is one of the premise's CONTRADICTION partners in
+turn, else its least related other non-entailed partner, else a seeded random sentence of the split.
+`--negatives contradiction --min-related 0` gives the first set (548 triples: premises with both an
+entailed and a contradicted partner, entailed partners only). The data stays outside the repository
+(SICK is CC BY-NC-SA); `data/` is git-ignored.
 """
 import argparse
 import json
+import random
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def triples(path: Path, instruction: str) -> list[dict]:
+def triples(path: Path, instruction: str, negatives: str = "any", min_related: float = 4.0) -> list[dict]:
     lines = path.read_text(encoding="utf-8").splitlines()
     header = lines[0].split("\t")
-    a, b, label = (header.index(c) for c in ("sentence_A", "sentence_B", "entailment_judgment"))
-    by_premise: dict[str, dict[str, list[str]]] = {}
+    a, b, score, label = (header.index(c) for c in ("sentence_A", "sentence_B", "relatedness_score", "entailment_judgment"))
+    partners: dict[str, list[tuple[str, str, float]]] = {}
     for line in lines[1:]:
         f = line.split("\t")
         if len(f) > label:
             for x, y in ((f[a].strip(), f[b].strip()), (f[b].strip(), f[a].strip())):
-                by_premise.setdefault(x, {}).setdefault(f[label], []).append(y)
-    out = []
-    for premise, groups in by_premise.items():
-        pos, neg = groups.get("ENTAILMENT", []), groups.get("CONTRADICTION", [])
-        out += [{"query": premise, "positive": p, "negative": neg[i % len(neg)], "instruction": instruction}
-                for i, p in enumerate(pos) if neg]
+                partners.setdefault(x, []).append((y, f[label], float(f[score])))
+    sentences, rng, out = sorted(partners), random.Random(0), []
+    for premise, group in partners.items():
+        positive = [lab == "ENTAILMENT" or (min_related and lab == "NEUTRAL" and s >= min_related) for _, lab, s in group]
+        pos = [y for (y, _, _), keep in zip(group, positive) if keep]
+        neg = [y for y, lab, _ in group if lab == "CONTRADICTION"]
+        if negatives == "any" and not neg:  # pairs, not sentences: SICK rates a few pairs twice
+            others = sorted((s, y) for (y, lab, s), keep in zip(group, positive) if lab == "NEUTRAL" and not keep)
+            neg = [others[0][1]] if others else []
+        for i, p in enumerate(pos):
+            if neg or negatives == "any":
+                n = neg[i % len(neg)] if neg else rng.choice(sentences)
+                while n in (premise, p):
+                    n = rng.choice(sentences)
+                out.append({"query": premise, "positive": p, "negative": n, "instruction": instruction})
     return out
 
 
@@ -39,12 +52,16 @@ def main(argv=None):
     p.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
     p.add_argument("--split", default="SICK_train.txt")
     p.add_argument("--instruction", default="", help="instruction for the queries (default none)")
+    p.add_argument("--negatives", choices=("contradiction", "any"), default="any",
+                   help="contradiction: only premises with a contradicted partner (see above)")
+    p.add_argument("--min-related", type=float, default=4.0,
+                   help="NEUTRAL partners rated at least this are positives too (0 = entailed only)")
     p.add_argument("--out", type=Path, default=ROOT / "data" / "sick-train-triples.jsonl")
     args = p.parse_args(argv)
     src = args.data_dir / "sick" / args.split
     if not src.is_file():
         sys.exit(f"sick_triples.py: error: {src}: file not found (pass --data-dir)")
-    rows = triples(src, args.instruction)
+    rows = triples(src, args.instruction, args.negatives, args.min_related)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(f"wrote {args.out}: {len(rows)} triples from {src}")

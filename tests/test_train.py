@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import train
 from conftest import DATA, ROOT
 from l2v.checkpoint import load_model
 
@@ -131,6 +132,14 @@ def test_bad_config_key_and_value(tiny_dir, text_files, tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "train.py"), "--objective", "mntp", "--max_steps", "ten"],
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert res.returncode != 0 and "--max_steps" in res.stderr
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.json")), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_committed_configs_are_valid(path):
+    """Every preset passes train.py's own checks (keys, types, ranges), and its objective is its folder's."""
+    cfg = train.parse_config(["--config", str(path)])
+    assert cfg["objective"] == path.parent.name or path.parent.name == "ablation"
+    assert not cfg["stop_after_n_steps"] or cfg["stop_after_n_steps"] <= cfg["max_steps"]
 
 
 @pytest.mark.parametrize("objective", ["mntp", "simcse"])

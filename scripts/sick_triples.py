@@ -61,7 +61,14 @@ def main(argv=None):
     src = args.data_dir / "sick" / args.split
     if not src.is_file():
         sys.exit(f"sick_triples.py: error: {src}: file not found (pass --data-dir)")
-    rows = triples(src, args.instruction, args.negatives, args.min_related)
+    if not 0 <= args.min_related <= 5:
+        sys.exit(f"sick_triples.py: error: --min-related {args.min_related}: SICK rates relatedness 1-5 (0 = off)")
+    if args.out.is_dir():
+        sys.exit(f"sick_triples.py: error: --out {args.out}: is a folder, expected a .jsonl file path")
+    try:
+        rows = triples(src, args.instruction, args.negatives, args.min_related)
+    except (ValueError, UnicodeDecodeError) as e:  # a missing column, a score that is not a number
+        sys.exit(f"sick_triples.py: error: {src}: not a SICK file with a header ({e})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(f"wrote {args.out}: {len(rows)} triples from {src}")

@@ -67,7 +67,7 @@ def main(argv=None):
         sys.exit(f"sick_triples.py: error: --out {args.out}: is a folder, expected a .jsonl file path")
     try:
         rows = triples(src, args.instruction, args.negatives, args.min_related)
-    except (ValueError, UnicodeDecodeError) as e:  # a missing column, a score that is not a number
+    except (ValueError, IndexError, UnicodeDecodeError) as e:  # empty, a missing column, a score not a number
         sys.exit(f"sick_triples.py: error: {src}: not a SICK file with a header ({e})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("".join(json.dumps(r) + "\n" for r in rows))

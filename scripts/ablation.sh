@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The demo model's results table, one row per call (docs/results.md):
 #   bash scripts/ablation.sh ROW [TASKS]       then   python scripts/results_table.py
-#   ROW: uni | uni-weighted | bi | prompteol                       (no training)
+#   ROW: uni | uni-weighted | bi | prompteol | prompt-ke           (no training)
 #        | paper | paper-weighted                                 (Bi+MNTP+SimCSE, the paper's recipe)
 #        | prompteol-simcse | prompteol-simcse-instruction        (causal + PromptEOL + SimCSE)
-#        | supervised-sick | supervised-sick-548                  (PromptEOL + SICK-train triples; the first set)
+#        | supervised-sick | supervised-sick-eol | supervised-sick-548   (SICK-train triples: KE prompt; PromptEOL; the first set)
 #        | bi-mntp-lr1e-3 | bi-mntp-lr1e-3-simcse | uni-simcse | bi-simcse   (session 2's rows)
 # Trains what the row needs (configs/ablation/*.json, outputs in runs/ablation/) unless its adapter
 # exists, then evaluates into docs/results/ROW.json. TASKS defaults to the dev sets and the 7 STS test
@@ -22,11 +22,14 @@ train() {  # one stage, skipped when its final adapter is already there
 ev() { python eval.py --tasks "$tasks" --out "docs/results/$row.json" "$@"; }
 a=runs/ablation
 eol=(--causal --pooling last_token --prompt "$prompt")  # PromptEOL: causal, the prompt, its last token
+# KE: PromptEOL behind a knowledge-enhancement prefix (Zhang et al. 2024, arXiv 2404.03921)
+ke=(--causal --pooling last_token --prompt "The essence of a sentence is often captured by its main subjects and actions, while descriptive terms provide additional but less central details. With this in mind , this sentence : \"{text}\" means in one word:\"")
 case "$row" in
   uni)            ev --causal --pooling mean ;;
   uni-weighted)   ev --causal --pooling weighted_mean ;;
   bi)             ev --pooling mean ;;
   prompteol)      ev "${eol[@]}" --sts-instruction '' ;;
+  prompt-ke)      ev "${ke[@]}" --sts-instruction '' ;;
   paper)          train paper-mntp && train paper-simcse &&
                   ev --pooling mean --adapter $a/paper-mntp/final --adapter $a/paper-simcse/final ;;
   paper-weighted) train paper-mntp && train paper-simcse &&
@@ -35,7 +38,9 @@ case "$row" in
   prompteol-simcse-instruction) train prompteol-simcse-instruction &&
                   ev "${eol[@]}" --adapter $a/prompteol-simcse-instruction/final ;;
   supervised-sick) python scripts/sick_triples.py &&  # deterministic: an older set is never used
-                  train supervised-sick && ev "${eol[@]}" --sts-instruction '' --adapter $a/supervised-sick/final ;;
+                  train supervised-sick && ev "${ke[@]}" --sts-instruction '' --adapter $a/supervised-sick/final ;;
+  supervised-sick-eol) python scripts/sick_triples.py &&
+                  train supervised-sick-eol && ev "${eol[@]}" --sts-instruction '' --adapter $a/supervised-sick-eol/final ;;
   supervised-sick-548) python scripts/sick_triples.py --negatives contradiction --min-related 0 --out data/sick-train-triples-548.jsonl &&
                   train supervised-sick-548 && ev "${eol[@]}" --sts-instruction '' --adapter $a/supervised-sick-548/final ;;
   # session 2: MNTP at lr 1e-3, its step-40 checkpoint chosen on STS-B dev; SimCSE 80 x 64 at 32 tokens

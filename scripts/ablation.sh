@@ -22,8 +22,9 @@ train() {  # one stage, skipped when its final adapter is already there
 ev() { python eval.py --tasks "$tasks" --out "docs/results/$row.json" "$@"; }
 a=runs/ablation
 eol=(--causal --pooling last_token --prompt "$prompt")  # PromptEOL: causal, the prompt, its last token
-# KE: PromptEOL behind a knowledge-enhancement prefix (Zhang et al. 2024, arXiv 2404.03921)
-ke=(--causal --pooling last_token --prompt "The essence of a sentence is often captured by its main subjects and actions, while descriptive terms provide additional but less central details. With this in mind , this sentence : \"{text}\" means in one word:\"")
+# KE: PromptEOL behind a knowledge-enhancement prefix (Zhang et al. 2024, arXiv 2404.03921); read from the
+# supervised row's config, so that its evaluation always uses the prompt it was trained with
+ke=(--causal --pooling last_token --prompt "$(python -c 'import json; print(json.load(open("configs/ablation/supervised-sick.json"))["prompt"])')")
 case "$row" in
   uni)            ev --causal --pooling mean ;;
   uni-weighted)   ev --causal --pooling weighted_mean ;;

@@ -11,8 +11,9 @@ Usage:
 
 Without --model the demo model <repo>/models/smollm2-135m-instruct is used (build it once with
 `python scripts/build_demo_model.py`). Adapters (PEFT format) are merged in the order given. Settings
-not given on the command line come from llm2vec_config.json in the model or adapter folders, else
-upstream's defaults (mean pooling, max length 512, documents shortened to 400 tokens).
+not given on the command line come from llm2vec_config.json in the model or adapter folders (and, for
+an adapter that train.py wrote, its prompt and attention from train_config.json), else upstream's
+defaults (bidirectional, mean pooling, max length 512, documents shortened to 400 tokens).
 
 Up to 16 texts: prints their cosine-similarity matrix (and writes --out if given). More texts need
 --out: a float32 [N, dim] .npy in input order, with a progress bar. --instruction applies to every
@@ -91,11 +92,13 @@ def main(argv=None):
     p.add_argument("--adapter", type=Path, action="append", default=[],
                    help="PEFT adapter folder, merged in order (repeatable)")
     p.add_argument("--pooling", choices=POOLING_MODES, help="default: llm2vec_config.json, else mean")
-    p.add_argument("--prompt", help="template around each text with one {text} slot (e.g. PromptEOL)")
+    p.add_argument("--prompt", help="template around each text with one {text} slot (e.g. PromptEOL; "
+                   "default: the adapter's training prompt)")
     p.add_argument("--max-length", type=positive_int, help="token limit of instruction + text (default 512)")
     p.add_argument("--chat-template", choices=sorted(CHAT_TEMPLATES) + ["auto"],
                    help="wrap inputs in a chat turn (off by default)")
-    p.add_argument("--causal", action="store_true", help="keep causal attention (default: bidirectional)")
+    p.add_argument("--causal", action=argparse.BooleanOptionalAction,
+                   help="keep causal attention (default: the adapter's training setting, else bidirectional)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype")
     p.add_argument("--autocast", default="auto", choices=["auto", "bfloat16", "none"],
                    help="bf16 matmuls over float32 weights; auto: where bf16 is fast (GPUs, AVX512-BF16/AMX CPUs)")
@@ -149,9 +152,11 @@ def run(args):
     if len(inputs) > MAX_PRINTED:
         return emb
     texts = [x if isinstance(x, str) else x[1] for x in inputs]
-    attn = "causal" if args.causal else "bidirectional"
+    attn = "causal" if enc.model.config.is_causal else "bidirectional"
     precision = args.dtype + (" + bf16 autocast" if enc.autocast else "")
     print(f"model {model_dir} ({attn}, {enc.pooling} pooling, {precision}), dim {emb.shape[1]}")
+    if enc.prompt:
+        print(f"prompt {enc.prompt!r}")
     if seed:
         print(f"seed example: queries with the instruction {SEED_INSTRUCTION!r} vs documents; cosine similarity")
         print_matrix(cosine_matrix(emb[:2], emb[2:]), texts[:2], texts[2:], "query", "doc")

@@ -461,8 +461,10 @@ def main(argv=None):
     p.add_argument("--model", default=str(ROOT / "models" / "smollm2-135m-instruct"), help="HF model folder (default: the demo model)")
     p.add_argument("--adapter", action="append", default=[], help="PEFT adapter folder, merged in order; repeatable")
     p.add_argument("--pooling", choices=POOLING_MODES, help="default: llm2vec_config.json, else mean")
-    p.add_argument("--causal", action="store_true", help="keep causal attention (default: bidirectional)")
-    p.add_argument("--prompt", help="template around each text with one {text} slot (e.g. PromptEOL)")
+    p.add_argument("--causal", action=argparse.BooleanOptionalAction,
+                   help="keep causal attention (default: the adapter's training setting, else bidirectional)")
+    p.add_argument("--prompt", help="template around each text with one {text} slot (e.g. PromptEOL; "
+                   "default: the adapter's training prompt)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype")
     p.add_argument("--autocast", default="auto", choices=["auto", "bfloat16", "none"],
                    help="bf16 matmuls over float32 weights; auto: where bf16 is fast (GPUs, AVX512-BF16/AMX CPUs)")
@@ -495,8 +497,10 @@ def main(argv=None):
         if "no room for the text" in str(e):  # from check_inputs: name the flags, not an input number
             e = ValueError("--sts-instruction / --prompt / --max-length: " + str(e).split(": ", 1)[1])
         fail("eval.py", e, args.debug)
+    # The settings in force (some may come from the adapters' folders) go into the printout and the JSON.
+    args.causal, args.pooling, args.prompt = encoder.model.config.is_causal, encoder.pooling, encoder.prompt
     print(f"loaded {args.model} (+{len(args.adapter)} adapters, {'causal' if args.causal else 'bidirectional'}, "
-          f"pooling={encoder.pooling}, autocast={encoder.autocast}) in {time.perf_counter() - t0:.1f}s")
+          f"pooling={encoder.pooling}, prompt={args.prompt!r}, autocast={encoder.autocast}) in {time.perf_counter() - t0:.1f}s")
 
     results = []
     for name in tasks:

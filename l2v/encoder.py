@@ -133,13 +133,14 @@ def shorten_by_words(text: str, count_tokens, doc_max_length: int) -> str:
 
 
 def read_llm2vec_config(*folders) -> dict:
-    """Settings from `llm2vec_config.json` in each folder that has one; later folders win."""
+    """Settings from `llm2vec_config.json` in each folder that has one; later folders win. An l2v run's
+    folder also has train_config.json: its prompt and attention, which upstream's file cannot hold."""
     out = {}
     for folder in folders:
-        path = Path(folder) / CONFIG_FILE
-        if path.is_file():
-            cfg = read_json(path)
-            out.update({k: cfg[k] for k in CONFIG_KEYS if k in cfg})
+        for name, keys in ((CONFIG_FILE, CONFIG_KEYS), ("train_config.json", ("prompt", "is_causal"))):
+            if (Path(folder) / name).is_file():
+                cfg = read_json(Path(folder) / name)
+                out.update({k: cfg[k] for k in keys if k in cfg})
     return out
 
 
@@ -188,13 +189,14 @@ class Encoder:
         self.autocast = None if autocast in (None, "none") else resolve_dtype(autocast)
 
     @classmethod
-    def from_pretrained(cls, model_dir, adapters=(), is_causal: bool = False, dtype="float32",
+    def from_pretrained(cls, model_dir, adapters=(), is_causal: bool | None = None, dtype="float32",
                         pooling: str | None = None, max_length: int | None = None,
                         doc_max_length: int | None = None, skip_instruction: bool | None = None,
                         chat_template: str | None = None, prompt: str | None = None, device="cpu",
                         autocast="none", check_inputs=None) -> "Encoder":
         """Base model, then each PEFT adapter merged in order (MNTP, then SimCSE/supervised). Settings:
-        arguments, else `llm2vec_config.json` (the last adapter's first), else upstream's defaults.
+        arguments, else the last adapter's `llm2vec_config.json` and l2v `train_config.json` (prompt,
+        is_causal), else the earlier folders', else upstream's defaults (bidirectional, no prompt).
         dtype: the weights' (bf16 halves memory); autocast: the matmuls' only (closer to float32).
         Every file, the adapters' shapes and `check_inputs` are checked before the weights load."""
         from .lora import load_adapter, read_adapter  # written separately; only needed here
@@ -208,7 +210,7 @@ class Encoder:
         enc = cls(None, tok, pooling=pick(pooling, "pooling_mode", "mean"), max_length=pick(max_length, "max_length", 512),
                   doc_max_length=pick(doc_max_length, "doc_max_length", 400),
                   skip_instruction=pick(skip_instruction, "skip_instruction", True), chat_template=chat_template,
-                  prompt=prompt, eos_suffix=eos_suffix_for(model_cfg.model_type, tok),
+                  prompt=pick(prompt, "prompt", None) or None, eos_suffix=eos_suffix_for(model_cfg.model_type, tok),
                   autocast=resolve_autocast(autocast, device))
         meta = meta_model(model_cfg)
         for folder in adapters:
@@ -216,7 +218,8 @@ class Encoder:
         if check_inputs is not None:
             enc.prepare_inputs(check_inputs)
         # Merge adapters in float32 and cast afterwards: B @ A added to bf16 weights would lose most of it.
-        model = load_model(model_dir, dtype=torch.float32 if adapters else dtype, device=device, is_causal=is_causal)
+        model = load_model(model_dir, dtype=torch.float32 if adapters else dtype, device=device,
+                           is_causal=bool(pick(is_causal, "is_causal", False)))
         for folder in adapters:
             load_adapter(model, folder, merge=True)
         for p in model.parameters():  # parameters only: the RoPE inv_freq buffer stays float32

@@ -257,6 +257,34 @@ def test_from_pretrained_reads_llm2vec_config(tmp_path, tok):
         Encoder.from_pretrained(tmp_path, check_inputs=[" "])
 
 
+def test_from_pretrained_takes_prompt_and_attention_from_the_adapters_run(tmp_path, tiny_dir, capsys):
+    """An adapter trained through a prompt with causal attention encodes through them unless told
+    otherwise: upstream's llm2vec_config.json cannot hold either, train.py's train_config.json does."""
+    import encode
+    from l2v.lora import add_lora, save_adapter
+    model = tiny_model()
+    add_lora(model, r=2, alpha=4.0, dropout=0.0)
+    for p in model.parameters():  # a trained adapter: B is no longer zero
+        p.data.add_(0.05) if p.requires_grad else None
+    run = tmp_path / "run"
+    save_adapter(model, run, base_model_name_or_path=str(tiny_dir))
+    prompt = 'This sentence : "{text}" means in one word:"'
+    (run / CONFIG_FILE).write_text(json.dumps(dict(pooling_mode="last_token")))
+    (run / "train_config.json").write_text(json.dumps(dict(prompt=prompt, is_causal=True, lr=1e-4)))
+    enc = Encoder.from_pretrained(tiny_dir, adapters=[run])
+    assert (enc.prompt, enc.pooling, enc.model.config.is_causal) == (prompt, "last_token", True)
+    told = Encoder.from_pretrained(tiny_dir, adapters=[run], is_causal=True, pooling="last_token", prompt=prompt)
+    np.testing.assert_array_equal(enc.encode(SENTENCES), told.encode(SENTENCES))
+    plain = Encoder.from_pretrained(tiny_dir, adapters=[run], is_causal=False, prompt="")  # arguments win
+    assert (plain.prompt, plain.model.config.is_causal) == (None, False)
+    assert np.abs(plain.encode(SENTENCES) - enc.encode(SENTENCES)).max() > 1e-3
+    encode.main(["--model", str(tiny_dir), "--adapter", str(run), "--text", "a cat", "--text", "a dog"])
+    out = capsys.readouterr().out
+    assert "(causal, last_token pooling" in out and f"prompt {prompt!r}" in out
+    encode.main(["--model", str(tiny_dir), "--adapter", str(run), "--no-causal", "--text", "a cat", "--text", "a dog"])
+    assert "(bidirectional, last_token pooling" in capsys.readouterr().out
+
+
 def test_packing_invariance_demo(demo_model_dir):
     enc = Encoder.from_pretrained(demo_model_dir)
     inputs = SENTENCES + PAIRS

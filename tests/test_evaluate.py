@@ -2,6 +2,7 @@
 pitfalls of ../shared/data/README.md), end-to-end scoring with a fake encoder, counts on the real files."""
 import json
 import math
+import types
 import zlib
 
 import numpy as np
@@ -306,7 +307,8 @@ def test_eval_cli_with_fake_encoder(tmp_path, monkeypatch, capsys):
     calls = {}
 
     class FakeEncoder(HashEncoder):
-        pooling, autocast = "mean", None
+        pooling, autocast, prompt = "mean", None, None
+        model = types.SimpleNamespace(config=types.SimpleNamespace(is_causal=True))
 
         @classmethod
         def from_pretrained(cls, model_dir, **kw):
@@ -319,7 +321,9 @@ def test_eval_cli_with_fake_encoder(tmp_path, monkeypatch, capsys):
               "--data-dir", str(tmp_path / "data"), "--out", str(out), "--dtype", "bfloat16"])
     assert calls["model_dir"] == "M" and calls["adapters"] == ["A1", "A2"] and calls["is_causal"] is True
     assert calls["dtype"] == "bfloat16"
-    results = json.loads(out.read_text())["results"]
+    saved = json.loads(out.read_text())
+    assert (saved["args"]["causal"], saved["args"]["pooling"], saved["args"]["prompt"]) == (True, "mean", None)
+    results = saved["results"]
     assert [r["task"] for r in results] == ["stsb-dev", "msmarco-subset"]
     assert results[0]["scores"]["spearman"] == pytest.approx(100.0)
     assert results[1]["scores"]["recall@100"] == pytest.approx(100.0)

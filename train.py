@@ -489,9 +489,11 @@ def main(argv=None) -> None:
         log({"event": "end", **final_metrics, "step": step, "seconds": round(time.time() - t0, 1)})
         if cfg["merge_out"]:
             save_model(merge_lora(model), cfg["merge_out"], dtype=cfg["weights_dtype"])
-            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
-                if (Path(cfg["model"]) / name).is_file():
-                    shutil.copy(Path(cfg["model"]) / name, Path(cfg["merge_out"]) / name)
+            # The tokenizer, and this run's encoding settings (pooling, prompt, attention) for `Encoder`
+            for f in [Path(cfg["model"]) / n for n in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                      "generation_config.json")] + [out / "final" / n for n in ("llm2vec_config.json", "train_config.json")]:
+                if f.is_file():
+                    shutil.copy(f, Path(cfg["merge_out"]) / f.name)
             print0(f"merged model written to {cfg['merge_out']}")
     if dist.is_initialized():
         dist.barrier()

@@ -110,6 +110,8 @@ def test_supervised_objective_and_merge_out(tiny_dir, text_files, tmp_path):
     assert json.loads((out / "final" / "llm2vec_config.json").read_text())["pooling_mode"] == "mean"
     merged = load_model(tmp_path / "merged")
     assert (tmp_path / "merged" / "tokenizer.json").is_file()
+    for name in ("llm2vec_config.json", "train_config.json"):  # the encoding settings travel with it
+        assert (tmp_path / "merged" / name).read_text() == (out / "final" / name).read_text()
     # The merged folder equals base + adapter applied by l2v's loader.
     from l2v.lora import load_adapter
     base = load_model(tiny_dir)

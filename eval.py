@@ -5,6 +5,8 @@ Examples:
     python eval.py --adapter runs/mntp-smollm2/final --adapter runs/simcse-smollm2/final --tasks sts
     python eval.py --causal --pooling last_token --prompt 'This sentence : "{text}" means in one word:"' \\
         --sts-instruction '' --tasks dev
+    python eval.py --adapter runs/supervised-smollm2/final --sts-instruction '' --tasks dev
+        # an adapter trained through a prompt: prompt, attention and pooling come from its folder
     python eval.py --model DIR --tasks dev,cranfield --out out/dev.json
 
 Tasks: stsb-dev stsb-test sick-r-trial sick-r-test sts12..sts16 cranfield msmarco-subset dbpedia-subset;

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 import train
 from conftest import DATA, ROOT
 from l2v.checkpoint import load_model
+from l2v.encoder import Encoder
 
 
 def common_args(model, out, objective, data_dir):
@@ -104,10 +105,14 @@ def test_resume_after_sigkill_is_bitwise_identical(tiny_dir, text_files, tmp_pat
 def test_supervised_objective_and_merge_out(tiny_dir, text_files, tmp_path):
     out = tmp_path / "sup"
     run(common_args(tiny_dir, out, "supervised", text_files) + [
-        "--max_steps", "2", "--batch_size", "4", "--warmup_steps", "1", "--merge_out", str(tmp_path / "merged")])
+        "--max_steps", "2", "--batch_size", "4", "--warmup_steps", "1", "--merge_out", str(tmp_path / "merged"),
+        "--is_causal", "true", "--pooling", "last_token", "--prompt", 'In one word, "{text}" means:'])
     cfg = json.loads((out / "final" / "train_config.json").read_text())
     assert cfg["objective"] == "supervised" and cfg["scale"] == 50.0 and cfg["lr"] == 1e-3
-    assert json.loads((out / "final" / "llm2vec_config.json").read_text())["pooling_mode"] == "mean"
+    assert json.loads((out / "final" / "llm2vec_config.json").read_text())["pooling_mode"] == "last_token"
+    for folder, adapters in ((tiny_dir, [out / "final"]), (tmp_path / "merged", [])):  # encodes as it trained
+        enc = Encoder.from_pretrained(folder, adapters=adapters)
+        assert (enc.prompt, enc.pooling, enc.model.config.is_causal) == ('In one word, "{text}" means:', "last_token", True)
     merged = load_model(tmp_path / "merged")
     assert (tmp_path / "merged" / "tokenizer.json").is_file()
     for name in ("llm2vec_config.json", "train_config.json"):  # the encoding settings travel with it

@@ -28,7 +28,8 @@ from .tokenizer import Tokenizer
 
 POOLING_MODES = ("mean", "weighted_mean", "eos_token", "last_token", "bos_token")
 CONFIG_FILE = "llm2vec_config.json"
-CONFIG_KEYS = ("pooling_mode", "max_length", "doc_max_length", "skip_instruction")
+CONFIG_KEYS = {"pooling_mode": str, "max_length": int, "doc_max_length": int, "skip_instruction": bool}
+TRAIN_KEYS = {"prompt": str, "is_causal": bool}  # from train.py's train_config.json: upstream's file lacks them
 # (before, after) the user turn; upstream applied these by hub name (Meta-Llama-3-8B-Instruct, Qwen2-*-Instruct).
 CHAT_TEMPLATES = {
     "llama3": ("<|start_header_id|>user<|end_header_id|>\n\n", "<|eot_id|>"),
@@ -133,14 +134,15 @@ def shorten_by_words(text: str, count_tokens, doc_max_length: int) -> str:
 
 
 def read_llm2vec_config(*folders) -> dict:
-    """Settings from `llm2vec_config.json` in each folder that has one; later folders win. An l2v run's
-    folder also has train_config.json: its prompt and attention, which upstream's file cannot hold."""
+    """Settings from `llm2vec_config.json` and `train_config.json` in each folder; later folders win."""
     out = {}
     for folder in folders:
-        for name, keys in ((CONFIG_FILE, CONFIG_KEYS), ("train_config.json", ("prompt", "is_causal"))):
-            if (Path(folder) / name).is_file():
-                cfg = read_json(Path(folder) / name)
-                out.update({k: cfg[k] for k in keys if k in cfg})
+        for path, keys in ((Path(folder) / CONFIG_FILE, CONFIG_KEYS), (Path(folder) / "train_config.json", TRAIN_KEYS)):
+            cfg = read_json(path) if path.is_file() else {}
+            for k in set(keys) & set(cfg):
+                if not isinstance(cfg[k], keys[k]) or (k == "prompt" and cfg[k] and cfg[k].count("{text}") != 1):
+                    raise ValueError(f"{path}: {k}: unusable value {cfg[k]!r}")
+                out[k] = cfg[k]
     return out
 
 
@@ -194,9 +196,8 @@ class Encoder:
                         doc_max_length: int | None = None, skip_instruction: bool | None = None,
                         chat_template: str | None = None, prompt: str | None = None, device="cpu",
                         autocast="none", check_inputs=None) -> "Encoder":
-        """Base model, then each PEFT adapter merged in order (MNTP, then SimCSE/supervised). Settings:
-        arguments, else the last adapter's `llm2vec_config.json` and l2v `train_config.json` (prompt,
-        is_causal), else the earlier folders', else upstream's defaults (bidirectional, no prompt).
+        """Base model, then each PEFT adapter merged in order (MNTP, then SimCSE/supervised). Settings: arguments,
+        else the folders' config files (the last adapter's first), else upstream's defaults (bidirectional).
         dtype: the weights' (bf16 halves memory); autocast: the matmuls' only (closer to float32).
         Every file, the adapters' shapes and `check_inputs` are checked before the weights load."""
         from .lora import load_adapter, read_adapter  # written separately; only needed here

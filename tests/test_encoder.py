@@ -283,6 +283,11 @@ def test_from_pretrained_takes_prompt_and_attention_from_the_adapters_run(tmp_pa
     assert "(causal, last_token pooling" in out and f"prompt {prompt!r}" in out
     encode.main(["--model", str(tiny_dir), "--adapter", str(run), "--no-causal", "--text", "a cat", "--text", "a dog"])
     assert "(bidirectional, last_token pooling" in capsys.readouterr().out
+    for name, bad in (("train_config.json", dict(prompt="no slot")), ("train_config.json", dict(is_causal="yes")),
+                      (CONFIG_FILE, dict(pooling_mode=3))):  # a bad value names its file, before any weights load
+        (run / name).write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=rf"{name}: {next(iter(bad))}: unusable value"):
+            Encoder.from_pretrained(tiny_dir, adapters=[run])
 
 
 def test_packing_invariance_demo(demo_model_dir):

@@ -1,4 +1,5 @@
-"""One training loop for the LLM2Vec stages: MNTP, unsupervised SimCSE, supervised contrastive.
+"""One training loop for the LLM2Vec stages: MNTP, unsupervised SimCSE, supervised contrastive, and
+CoSENT on graded pairs (a last supervised stage on similarity scores; not in llm2vec).
 
     python train.py --objective mntp --config configs/mntp/smollm2-135m.json
     torchrun --nproc_per_node 2 train.py --objective mntp --config configs/mntp/smollm2-135m.json
@@ -26,18 +27,19 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from eval import evaluate_sts, fail, read_stsb
 from l2v.checkpoint import load_config, load_model, meta_model, read_json, resolve_autocast, resolve_device, save_model
-from l2v.data import batches, mask_token_id, mask_tokens, micro_batch_positions, mntp_blocks, read_texts, read_triples
+from l2v.data import (PAIR_FIELDS, batches, mask_token_id, mask_tokens, micro_batch_positions, mntp_blocks, read_examples,
+                      read_texts)
 from l2v.encoder import POOLING_MODES, Encoder
 from l2v.lora import add_lora, load_adapter, merge_lora, read_adapter, save_adapter
-from l2v.objectives import contrastive_loss, mntp_loss, num_targets, simcse_loss, supervised_loss
+from l2v.objectives import all_gather_with_grad, contrastive_loss, cosent_loss, mntp_loss, num_targets
 
 CHECKS = {">=0": lambda v: v >= 0, ">0": lambda v: v > 0, ">=1": lambda v: v >= 1, ">=2": lambda v: v >= 2,
           "in [0, 1)": lambda v: 0 <= v < 1, "in (0, 1)": lambda v: 0 < v < 1}
 # key: (default, help, check: a CHECKS name or a tuple of choices). A --key value takes its default's type.
 OPTIONS = {
-    "objective": ("mntp", "the training objective", ("mntp", "simcse", "supervised")),
+    "objective": ("mntp", "the training objective", ("mntp", "simcse", "supervised", "cosent")),
     "model": ("models/smollm2-135m-instruct", "HF model folder (config.json, safetensors, tokenizer.json)", None),
-    "train_file": ("", "MNTP/SimCSE: .txt/.raw (a text per line), .json/.jsonl; supervised: .jsonl triples", None),
+    "train_file": ("", "MNTP/SimCSE: .txt/.raw (a text per line), .json/.jsonl; supervised: triples; cosent: scored pairs", None),
     "eval_file": ("", "held-out examples like train_file's: the objective's loss at each evaluation", None),
     "eval_sts_file": ("", "STS-B style dev file: Spearman x100 at each evaluation", None),
     "output_dir": ("runs/run", "checkpoints, final/, log.jsonl; must hold no earlier run (see resume, overwrite)", None),
@@ -65,8 +67,8 @@ OPTIONS = {
     "attention_dropout": (0.0, "attention dropout (SimCSE: 0.3)", "in [0, 1)"),
     "pooling": ("mean", "contrastive pooling", POOLING_MODES),
     "prompt": ("", "contrastive: template around each text with one {text} slot (e.g. PromptEOL)", None),
-    "instruction": ("", "SimCSE: instruction before each sentence (supervised: the triples' own)", None),
-    "scale": (20.0, "contrastive: cosine x scale (20 SimCSE, 50 supervised)", ">0"),
+    "instruction": ("", "SimCSE, cosent: instruction before each text (supervised: the triples' own)", None),
+    "scale": (20.0, "contrastive: cosine x scale (20 SimCSE and cosent, 50 supervised)", ">0"),
     "weights_dtype": ("float32", "frozen base weights (LoRA weights stay float32)", ("float32", "bfloat16")),
     "autocast": ("auto", "matmul dtype; auto: bf16 where fast (GPUs, AVX512-BF16/AMX CPUs)", ("auto", "bfloat16", "float16", "none")),
     "gradient_checkpointing": (False, "recompute layers in the backward: less memory, more time", None),
@@ -84,7 +86,8 @@ OPTIONS = {
 DEFAULTS = {k: v[0] for k, v in OPTIONS.items()}
 OBJECTIVE_DEFAULTS = {"mntp": dict(lr=5e-5, max_seq_length=512, batch_size=32),
                       "simcse": dict(lr=3e-5, max_seq_length=128, batch_size=128, attention_dropout=0.3, scale=20.0),
-                      "supervised": dict(lr=2e-4, max_seq_length=512, batch_size=64, warmup_steps=300, scale=50.0)}
+                      "supervised": dict(lr=2e-4, max_seq_length=512, batch_size=64, warmup_steps=300, scale=50.0),
+                      "cosent": dict(lr=5e-5, max_seq_length=512, batch_size=32, scale=20.0)}
 # What may differ when resuming; any other change would silently train something else.
 RESUMABLE = {"output_dir", "max_steps", "stop_after_n_steps", "device", "log_every", "eval_every", "eval_batches",
              "eval_file", "eval_sts_file", "save_every", "keep_checkpoints", "resume", "overwrite", "merge_out",
@@ -156,17 +159,21 @@ def mntp_micro_batches(ctx, data, global_idx, positions):
 
 def contrastive_micro_batches(ctx, data, global_idx, positions):
     """Each micro-batch is packed into one Batch (`Encoder.batches`): SimCSE lists every sentence twice
-    (dropout makes the copies differ); supervised lists queries, positives, then negatives."""
-    out, enc = [], ctx["enc"]
+    (dropout makes the copies differ); supervised lists queries, positives, then negatives; cosent the
+    first, then the second texts of its pairs, whose gold scores travel beside the Batch."""
+    out, enc, cfg = [], ctx["enc"], ctx["cfg"]
     for pos in positions:
         rows = [data[global_idx[p]] for p in pos]
-        if ctx["cfg"]["objective"] == "simcse":
-            texts = [(ctx["cfg"]["instruction"], t) for t in rows] * 2
+        if cfg["objective"] == "simcse":
+            texts = [(cfg["instruction"], t) for t in rows] * 2
+        elif cfg["objective"] == "cosent":  # a symmetric task: both sides get the instruction, as in evaluation
+            texts = [(r["instruction"] or cfg["instruction"], r[k]) for k in PAIR_FIELDS for r in rows]
         else:  # upstream: the instruction goes with the query only, and pooling skips its tokens
             texts = [(r["instruction"], r["query"]) for r in rows] + [r["positive"] for r in rows] + \
                     [r["negative"] for r in rows]
         batch, = enc.batches(enc.prepare_inputs(texts))
-        out.append((batch, 1, int((batch.segments > 0).sum())))
+        scores = torch.tensor([float(r["score"]) for r in rows]) if cfg["objective"] == "cosent" else None
+        out.append(((batch, scores), 1, int((batch.segments > 0).sum())))
     return out
 
 
@@ -175,19 +182,25 @@ def mntp_step_loss(ctx, model, inputs, gather):
     return mntp_loss(model(ids), labels, ctx["model"].lm_head_weight, normalizer=1.0)
 
 
-def contrastive_step_loss(ctx, model, batch, gather):
-    """Embeddings are gathered from every rank with gradient: the negatives are the global micro-batch,
-    and every rank computes the same global loss. Evaluation runs on one rank: no gathering."""
-    views = ctx["enc"].embed(batch, model).chunk(2 if ctx["cfg"]["objective"] == "simcse" else 3)
-    loss = (simcse_loss if len(views) == 2 else supervised_loss) if gather else contrastive_loss
-    return loss(*views, scale=ctx["cfg"]["scale"])
+def contrastive_step_loss(ctx, model, inputs, gather):
+    """Embeddings (and scores) are gathered from every rank with gradient: the negatives (cosent: the
+    pairs ranked against each other) are the global micro-batch, and every rank computes the same
+    global loss. Evaluation runs on one rank: no gathering."""
+    (batch, scores), objective = inputs, ctx["cfg"]["objective"]
+    views = ctx["enc"].embed(batch, model).chunk(3 if objective == "supervised" else 2)
+    views = [all_gather_with_grad(v) for v in views] if gather else views
+    if objective == "cosent":
+        return cosent_loss(*views, all_gather_with_grad(scores.to(views[0].device)) if gather else scores,
+                           scale=ctx["cfg"]["scale"])
+    return contrastive_loss(*views, scale=ctx["cfg"]["scale"])
 
 
 OBJECTIVES = {  # name: (file -> examples, micro-batch maker, loss)
     "mntp": (lambda cfg, tok, path: mntp_blocks(tok, read_texts(path), cfg["max_seq_length"]),
              mntp_micro_batches, mntp_step_loss),
     "simcse": (lambda cfg, tok, path: read_texts(path), contrastive_micro_batches, contrastive_step_loss),
-    "supervised": (lambda cfg, tok, path: read_triples(path), contrastive_micro_batches, contrastive_step_loss),
+    "supervised": (lambda cfg, tok, path: read_examples(path), contrastive_micro_batches, contrastive_step_loss),
+    "cosent": (lambda cfg, tok, path: read_examples(path, PAIR_FIELDS), contrastive_micro_batches, contrastive_step_loss),
 }
 
 

@@ -75,10 +75,6 @@ def load_config(folder: str | os.PathLike) -> ModelConfig:
     return ModelConfig.from_hf(hf, source=str(path))
 
 
-def hf_key_to_l2v(key: str) -> str:
-    return key[len("model."):] if key.startswith("model.") else key
-
-
 def l2v_key_to_hf(key: str) -> str:
     return key if key.startswith("lm_head.") else "model." + key
 
@@ -174,7 +170,7 @@ def load_model(folder: str | os.PathLike, dtype="float32", device="cpu", is_caus
     state, origin = {}, {}
     for path in weight_files(folder):
         for hf_key, t in read_safetensors(path, dtype):
-            key = hf_key_to_l2v(hf_key)
+            key = hf_key.removeprefix("model.")  # HF names minus `model.`
             if key == "lm_head.weight" and cfg.tie_word_embeddings:
                 continue  # some tied checkpoints store a redundant copy of the embedding
             if key in state:

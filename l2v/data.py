@@ -3,6 +3,7 @@ upstream's run_mntp.py (HF's run_mlm.py), global batches that do not depend on t
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -91,19 +92,22 @@ def read_texts(path: str | os.PathLike) -> list[str]:
 
 
 TRIPLE_FIELDS = ("query", "positive", "negative")
+PAIR_FIELDS = ("sentence1", "sentence2")  # with a numeric "score": graded pairs, as MTEB's STS sets
 
 
-def read_triples(path: str | os.PathLike) -> list[dict]:
-    """Supervised records {query, positive, negative, instruction ("" if absent)}; other fields (e.g.
-    "dataset", to group batches by) pass through."""
+def read_examples(path: str | os.PathLike, fields=TRIPLE_FIELDS) -> list[dict]:
+    """Records with non-empty string `fields` and "instruction" ("" if absent); PAIR_FIELDS records also
+    need a finite number "score". Other fields (e.g. "dataset", to group batches by) pass through."""
     out = []
     for where, item in read_records(path):
         rec = dict(item) if isinstance(item, dict) else {}
-        for k in TRIPLE_FIELDS:
+        for k in fields:
             rec[k] = field(item, where, k)
             if not rec[k].strip():
                 raise ValueError(f"{where}: \"{k}\" is empty")
         rec["instruction"] = field(item, where, "instruction", "")
+        if fields == PAIR_FIELDS and not (type(rec.get("score")) in (int, float) and math.isfinite(rec["score"])):
+            raise ValueError(f"{where}: \"score\" must be a number, got {rec.get('score')!r}")
         out.append(rec)
     if not out:
         raise ValueError(f"{path}: no records (the file is empty)")

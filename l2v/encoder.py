@@ -124,9 +124,7 @@ def shorten_by_words(text: str, count_tokens, doc_max_length: int) -> str:
     while n > doc_max_length:
         words = text.split()
         keep = int(len(words) * (doc_max_length / n))  # same float expression as upstream
-        if keep == 0:
-            # A single word longer than the limit: upstream would empty the text; we keep it and
-            # let the max_length cut apply.
+        if keep == 0:  # one word over the limit: upstream would empty the text; max_length cuts it instead
             break
         text = " ".join(words[:keep])
         n = count_tokens(text)
@@ -152,10 +150,9 @@ def missing_template_tokens(name: str, tokenizer: Tokenizer) -> list[str]:
 
 
 def eos_suffix_for(model_type: str, tokenizer: Tokenizer) -> str:
-    """What eos_token pooling appends. Upstream appends the literal " </s>" for every Llama/Mistral
-    config -- in vocabularies without `</s>` (Llama 3, SmolLM2) that is just three ordinary tokens, but
-    it is what the published models were evaluated with. Qwen2 gets its <|endoftext|>, and Llama-3
-    base (upstream matched it by name) its <|end_of_text|>."""
+    """What eos_token pooling appends: upstream's literal " </s>" for Llama/Mistral configs (three ordinary
+    tokens in vocabularies without `</s>`, e.g. Llama 3 and SmolLM2, but what the published models were
+    evaluated with), Qwen2's <|endoftext|>, Llama-3 base's <|end_of_text|> (upstream matched it by name)."""
     if model_type == "qwen2":
         return "<|endoftext|>"
     if tokenizer.eos_token == "<|end_of_text|>":

@@ -1,7 +1,8 @@
 """Training objectives as small pure functions, with llm2vec's conventions. MNTP: the token at t is
 predicted from the output at t-1 (the causal-LM shift, kept although attention is bidirectional).
 Contrastive: cosine x scale (20 SimCSE, 50 supervised), cross-entropy with the positive on the
-diagonal, every other gathered document (and hard negative) a negative."""
+diagonal, every other gathered document (and hard negative) a negative. CoSENT (not in llm2vec):
+graded pairs, for a last supervised stage on similarity scores."""
 from __future__ import annotations
 
 import torch
@@ -61,12 +62,11 @@ def contrastive_loss(q: torch.Tensor, d: torch.Tensor, hard_negatives: torch.Ten
     return F.cross_entropy(scores, torch.arange(q.shape[0], device=q.device))
 
 
-def simcse_loss(view1: torch.Tensor, view2: torch.Tensor, scale: float = 20.0) -> torch.Tensor:
-    """Unsupervised SimCSE: two dropout views of the same sentences, gathered over ranks, scale 20."""
-    return contrastive_loss(all_gather_with_grad(view1), all_gather_with_grad(view2), scale=scale)
-
-
-def supervised_loss(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, scale: float = 50.0) -> torch.Tensor:
-    """Supervised triples: each query against all gathered positives and hard negatives, scale 50."""
-    return contrastive_loss(all_gather_with_grad(q), all_gather_with_grad(pos), all_gather_with_grad(neg),
-                            scale=scale)
+def cosent_loss(a: torch.Tensor, b: torch.Tensor, scores: torch.Tensor, scale: float = 20.0) -> torch.Tensor:
+    """CoSENT (Su 2022) on graded pairs: a, b (B, D), gold scores (B,). Every two pairs whose gold scores
+    differ are a ranking problem: log(1 + sum over score_i > score_j of exp(scale (cos_j - cos_i))).
+    Only the order of the scores counts (SICK's 1-5 and STS-B's 0-5 alike); ties add nothing."""
+    cos = scale * F.cosine_similarity(a.float(), b.float(), dim=-1)  # (B,)
+    scores = scores.to(cos.device)
+    diff = (cos[None, :] - cos[:, None]).masked_fill(scores[:, None] <= scores[None, :], float("-inf"))
+    return torch.logsumexp(torch.cat([diff.new_zeros(1), diff.flatten()]), dim=0)

@@ -53,6 +53,3 @@ class Tokenizer:
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
-
-    def __len__(self) -> int:
-        return self.vocab_size

@@ -5,6 +5,7 @@
 #        | paper | paper-weighted                                 (Bi+MNTP+SimCSE, the paper's recipe)
 #        | prompteol-simcse | prompteol-simcse-instruction        (causal + PromptEOL + SimCSE)
 #        | supervised-sick | supervised-sick-eol | supervised-sick-548   (SICK-train triples: KE prompt; PromptEOL; the first set)
+#        | supervised-sick-cosent                               (supervised-sick, then CoSENT on SICK-train's graded pairs)
 #        | bi-mntp-lr1e-3 | bi-mntp-lr1e-3-simcse | uni-simcse | bi-simcse   (session 2's rows)
 # Trains what the row needs (configs/ablation/*.json, outputs in runs/ablation/) unless its adapter
 # exists, then evaluates into docs/results/ROW.json. TASKS defaults to the dev sets and the 7 STS test
@@ -40,6 +41,9 @@ case "$row" in
                   ev "${eol[@]}" --adapter $a/prompteol-simcse-instruction/final ;;
   supervised-sick) python scripts/sick_triples.py &&  # deterministic: an older set is never used
                   train supervised-sick && ev "${ke[@]}" --sts-instruction '' --adapter $a/supervised-sick/final ;;
+  supervised-sick-cosent) python scripts/sick_triples.py && python scripts/sick_triples.py --pairs &&
+                  train supervised-sick && train supervised-sick-cosent &&
+                  ev "${ke[@]}" --sts-instruction '' --adapter $a/supervised-sick/final --adapter $a/supervised-sick-cosent/final ;;
   supervised-sick-eol) python scripts/sick_triples.py &&
                   train supervised-sick-eol && ev "${eol[@]}" --sts-instruction '' --adapter $a/supervised-sick-eol/final ;;
   supervised-sick-548) python scripts/sick_triples.py --negatives contradiction --min-related 0 --out data/sick-train-triples-548.jsonl &&

@@ -1,14 +1,16 @@
-"""Supervised triples from SICK's training split: (premise, a positive, a hard negative).
+"""Supervised triples from SICK's training split: (premise, a positive, a hard negative); or its graded pairs.
 
     python scripts/sick_triples.py                       # ../shared/data/sick/SICK_train.txt -> data/sick-train-triples.jsonl
     python scripts/sick_triples.py --split SICK_trial.txt --out data/sick-trial-triples.jsonl
+    python scripts/sick_triples.py --pairs               # -> data/sick-train-pairs.jsonl, for --objective cosent
 
 Pairs are read both ways (A with B, B with A). The default set (`--negatives any --min-related 4`,
 3,224 triples): each premise's positives are its ENTAILMENT partners and its NEUTRAL partners rated at
 least 4 for relatedness; a positive's hard negative is one of the premise's CONTRADICTION partners in
 turn, else its least related other non-entailed partner, else a seeded random sentence of the split.
 `--negatives contradiction --min-related 0` gives the first set (548 triples: premises with both an
-entailed and a contradicted partner, entailed partners only). The data stays outside the repository
+entailed and a contradicted partner, entailed partners only). `--pairs` writes every pair once as
+{sentence1, sentence2, score} with its relatedness score (1-5). The data stays outside the repository
 (SICK is CC BY-NC-SA); `data/` is git-ignored.
 """
 import argparse
@@ -47,6 +49,14 @@ def triples(path: Path, instruction: str, negatives: str = "any", min_related: f
     return out
 
 
+def pairs(path: Path) -> list[dict]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    header = lines[0].split("\t")
+    a, b, score = (header.index(c) for c in ("sentence_A", "sentence_B", "relatedness_score"))
+    return [{"sentence1": f[a].strip(), "sentence2": f[b].strip(), "score": float(f[score])}
+            for f in (line.split("\t") for line in lines[1:]) if len(f) > score]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
@@ -56,8 +66,10 @@ def main(argv=None):
                    help="contradiction: only premises with a contradicted partner (see above)")
     p.add_argument("--min-related", type=float, default=4.0,
                    help="NEUTRAL partners rated at least this are positives too (0 = entailed only)")
-    p.add_argument("--out", type=Path, default=ROOT / "data" / "sick-train-triples.jsonl")
+    p.add_argument("--pairs", action="store_true", help="write the graded pairs (for --objective cosent) instead")
+    p.add_argument("--out", type=Path, help="default data/sick-train-triples.jsonl (--pairs: data/sick-train-pairs.jsonl)")
     args = p.parse_args(argv)
+    args.out = args.out or ROOT / "data" / f"sick-train-{'pairs' if args.pairs else 'triples'}.jsonl"
     src = args.data_dir / "sick" / args.split
     if not src.is_file():
         sys.exit(f"sick_triples.py: error: {src}: file not found (pass --data-dir)")
@@ -66,12 +78,12 @@ def main(argv=None):
     if args.out.is_dir():
         sys.exit(f"sick_triples.py: error: --out {args.out}: is a folder, expected a .jsonl file path")
     try:
-        rows = triples(src, args.instruction, args.negatives, args.min_related)
+        rows = pairs(src) if args.pairs else triples(src, args.instruction, args.negatives, args.min_related)
     except (ValueError, IndexError, UnicodeDecodeError) as e:  # empty, a missing column, a score not a number
         sys.exit(f"sick_triples.py: error: {src}: not a SICK file with a header ({e})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    print(f"wrote {args.out}: {len(rows)} triples from {src}")
+    print(f"wrote {args.out}: {len(rows)} {'pairs' if args.pairs else 'triples'} from {src}")
 
 
 if __name__ == "__main__":

@@ -69,6 +69,8 @@ def text_files(tmp_path_factory):
                 "negative": f"nothing about item {i}.", "instruction": "Retrieve the answer:"}
                for i, w in enumerate(["cats", "dogs", "rivers", "planes"] * 4)]
     (d / "triples.jsonl").write_text("\n".join(json.dumps(t) for t in triples) + "\n")
+    pairs = [{"sentence1": a, "sentence2": b, "score": i % 5} for i, (a, b) in enumerate(zip(sentences[:16], sentences[16:32]))]
+    (d / "pairs.jsonl").write_text("\n".join(json.dumps(t) for t in pairs) + "\n")
     sts = [f"main-captions\tMSRvid\t2012test\t{i:04d}\t{i % 6}.0\t{a}\t{b}"
            for i, (a, b) in enumerate(zip(sentences[:12], sentences[12:24]))]
     (d / "sts-dev.csv").write_text("\n".join(sts) + "\n")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import DATA, REFERENCE
-from l2v.data import batches, mask_token_id, mask_tokens, micro_batch_positions, mntp_blocks, read_texts, read_triples
+from l2v.data import PAIR_FIELDS, batches, mask_token_id, mask_tokens, micro_batch_positions, mntp_blocks, read_examples, read_texts
 
 TOKENIZER_DIR = REFERENCE / "smollm2-135m-instruct"
 
@@ -64,20 +64,37 @@ def test_read_errors_name_file_and_line(tmp_path):
         read_texts(p)
 
 
-def test_read_triples(tmp_path):
+def test_read_examples(tmp_path):
     p = tmp_path / "t.jsonl"
     rows = [dict(query="q1", positive="p1", negative="n1", instruction="Find it", dataset="a"),
             dict(query="q2", positive="p2", negative="n2")]
     p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    got = read_triples(p)
+    got = read_examples(p)
     assert got[0] == rows[0]
     assert got[1] == dict(rows[1], instruction="")
     p.write_text(json.dumps(rows[0]) + "\n" + json.dumps(dict(query="q", positive="p")) + "\n")
     with pytest.raises(ValueError, match=rf"{p}:2: object has no \"negative\""):
-        read_triples(p)
+        read_examples(p)
     p.write_text("")
     with pytest.raises(ValueError, match="no records"):
-        read_triples(p)
+        read_examples(p)
+
+
+def test_read_scored_pairs(tmp_path):
+    p = tmp_path / "pairs.jsonl"
+    p.write_text('{"sentence1": "a cat", "sentence2": "a dog", "score": 3.5}\n{"sentence1": "x", "sentence2": "y", "score": 1}\n')
+    got = read_examples(p, PAIR_FIELDS)
+    assert got == [dict(sentence1="a cat", sentence2="a dog", score=3.5, instruction=""),
+                   dict(sentence1="x", sentence2="y", score=1, instruction="")]
+    for line, err in [('{"sentence1": "a", "sentence2": "b"}', r'"score" must be a number, got None'),
+                      ('{"sentence1": "a", "sentence2": "b", "score": "4.2"}', r'"score" must be a number, got \'4.2\''),
+                      ('{"sentence1": "a", "sentence2": "b", "score": true}', r'"score" must be a number, got True'),
+                      ('{"sentence1": "a", "sentence2": "b", "score": NaN}', r'"score" must be a number, got nan'),
+                      ('{"sentence1": "a", "sentence2": " ", "score": 2}', r'"sentence2" is empty'),
+                      ('{"query": "a", "positive": "b", "score": 2}', r'object has no "sentence1"')]:
+        p.write_text(line + "\n")
+        with pytest.raises(ValueError, match=rf"{p}:1: {err}"):
+            read_examples(p, PAIR_FIELDS)
 
 
 def test_read_real_wikitext_and_wiki1m():

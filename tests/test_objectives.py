@@ -1,4 +1,4 @@
-"""MNTP loss (i-1 shift, oracle parity), contrastive loss by hand, all_gather_with_grad over 2 processes."""
+"""MNTP loss (i-1 shift, oracle parity), contrastive and CoSENT losses by hand, all_gather_with_grad over 2 processes."""
 import json
 import math
 
@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from l2v.objectives import all_gather_with_grad, contrastive_loss, mntp_loss, num_targets, simcse_loss, supervised_loss
+from l2v.objectives import all_gather_with_grad, contrastive_loss, cosent_loss, mntp_loss, num_targets
 
 # -----------------------------------------------------------------------------
 # MNTP
@@ -94,6 +94,25 @@ def test_contrastive_identical_views_and_hard_negatives():
     assert loss.item() == pytest.approx(math.log(1 + 4 * math.exp(-20)), abs=1e-7)
 
 
+def test_cosent_by_hand():
+    # cos = 1, 0, 1/sqrt(2); gold order 0 > 2 > 1: three ordered pairs, each adds exp(scale (cos_low - cos_high))
+    a = torch.tensor([[1.0, 0.0], [2.0, 0.0], [1.0, 0.0]])
+    b = torch.tensor([[3.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    c = 1 / math.sqrt(2)
+    for scale in (1.0, 20.0):
+        want = math.log(1 + math.exp(scale * (0 - 1)) + math.exp(scale * (c - 1)) + math.exp(scale * (0 - c)))
+        assert cosent_loss(a, b, torch.tensor([3.0, 1.0, 2.0]), scale=scale).item() == pytest.approx(want, rel=1e-5)
+    # only the order of the gold scores counts: any increasing map gives the same loss
+    assert cosent_loss(a, b, torch.tensor([5.0, 0.0, 4.9])).item() == pytest.approx(cosent_loss(a, b, torch.tensor([3.0, 1.0, 2.0])).item())
+    # ties add nothing: equal gold scores leave log(1) = 0 and no gradient
+    x = a.clone().requires_grad_()
+    loss = cosent_loss(x, b, torch.tensor([2.0, 2.0, 2.0]))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(x.grad, torch.zeros_like(x))
+    # a wrong order costs more than the right one
+    assert cosent_loss(a, b, torch.tensor([1.0, 3.0, 2.0])) > cosent_loss(a, b, torch.tensor([3.0, 1.0, 2.0]))
+
+
 def test_all_gather_is_identity_without_process_group():
     x = torch.randn(3, 4, requires_grad=True)
     y = all_gather_with_grad(x)
@@ -109,13 +128,14 @@ def _gather_worker(rank, world_size, init_file):
     try:
         g = torch.Generator().manual_seed(0)
         X, noise, neg = torch.randn(8, 6, generator=g), torch.randn(8, 6, generator=g), torch.randn(8, 6, generator=g)
-        W0 = torch.randn(6, 5, generator=g)
-        for fn in ("simcse", "supervised"):
-            def loss_fn(W, rows, gather):
-                q, d, n = X[rows] @ W, (X[rows] + 0.3 * noise[rows]) @ W, neg[rows] @ W
-                if fn == "simcse":
-                    return simcse_loss(q, d) if gather else contrastive_loss(q, d, scale=20.0)
-                return supervised_loss(q, d, n) if gather else contrastive_loss(q, d, n, scale=50.0)
+        W0, gold = torch.randn(6, 5, generator=g), torch.rand(8, generator=g)
+        for fn in ("simcse", "supervised", "cosent"):
+            def loss_fn(W, rows, gather):  # train.py's way: gather every view (and cosent's scores), then the loss
+                views = [X[rows] @ W, (X[rows] + 0.3 * noise[rows]) @ W, neg[rows] @ W, gold[rows]]
+                q, d, n, s = (all_gather_with_grad(v) for v in views) if gather else views
+                if fn == "cosent":
+                    return cosent_loss(q, n, s)
+                return contrastive_loss(q, d, scale=20.0) if fn == "simcse" else contrastive_loss(q, d, n, scale=50.0)
             W_full = W0.clone().requires_grad_()
             ref = loss_fn(W_full, slice(0, 8), gather=False)
             ref.backward()

@@ -16,7 +16,7 @@ from l2v.encoder import Encoder
 
 
 def common_args(model, out, objective, data_dir):
-    train_file = data_dir / ("triples.jsonl" if objective == "supervised" else "sents.txt")
+    train_file = data_dir / {"supervised": "triples.jsonl", "cosent": "pairs.jsonl"}.get(objective, "sents.txt")
     return ["--objective", objective, "--model", str(model), "--train_file", str(train_file),
             "--output_dir", str(out), "--max_seq_length", "32", "--lora_r", "4", "--lora_alpha", "8",
             "--autocast", "none", "--progress", "false", "--log_every", "1", "--lr", "1e-3"]
@@ -43,7 +43,7 @@ def adapter(folder):
     return load_file(folder / "adapter_model.safetensors")
 
 
-@pytest.mark.parametrize("objective", ["mntp", "simcse"])
+@pytest.mark.parametrize("objective", ["mntp", "simcse", "cosent"])
 def test_two_process_ddp_equals_one_process(tiny_dir, text_files, tmp_path, objective):
     # No dropout: the two runs must draw identical computations, only split differently. One process
     # does 2 micro-batches of 4 (accumulation); two processes do 1 micro-batch of 2, twice, each.
@@ -124,6 +124,22 @@ def test_supervised_objective_and_merge_out(tiny_dir, text_files, tmp_path):
     ids = torch.randint(20, 1000, (1, 9))
     with torch.no_grad():
         torch.testing.assert_close(merged(ids), base(ids), atol=1e-5, rtol=0)
+
+
+def test_cosent_stage_after_a_supervised_adapter(tiny_dir, text_files, tmp_path):
+    """CoSENT as a last stage: the supervised run's adapter merged first, graded pairs, its eval loss."""
+    run(common_args(tiny_dir, tmp_path / "sup", "supervised", text_files) + ["--max_steps", "1", "--batch_size", "4"])
+    out = tmp_path / "cos"
+    run(common_args(tiny_dir, out, "cosent", text_files) + [
+        "--max_steps", "2", "--batch_size", "8", "--init_adapter", str(tmp_path / "sup" / "final"),
+        "--eval_file", str(text_files / "pairs.jsonl"), "--eval_sts_file", str(text_files / "sts-dev.csv"),
+        "--eval_every", "2", "--instruction", "Retrieve semantically similar text:"])
+    recs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    ev = [r for r in recs if "eval_loss" in r]
+    assert len(ev) == 1 and ev[0]["step"] == 2 and ev[0]["eval_loss"] > 0 and "eval_sts_spearman" in ev[0]
+    cfg = json.loads((out / "final" / "train_config.json").read_text())
+    assert (cfg["objective"], cfg["scale"], cfg["init_adapter"]) == ("cosent", 20.0, [str(tmp_path / "sup" / "final")])
+    assert max(t.abs().max().item() for k, t in adapter(out / "final").items() if "lora_B" in k) > 0
 
 
 def test_bad_config_key_and_value(tiny_dir, text_files, tmp_path):

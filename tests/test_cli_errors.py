@@ -30,6 +30,9 @@ def files(tmp_path_factory, tiny_dir, text_files):
     (d / "notext.jsonl").write_text('{"body": "no text"}\n')
     (d / "blanktext.jsonl").write_text('{"text": "   "}\n')
     (d / "missing-field.jsonl").write_text('{"query": "q", "positive": "p"}\n')
+    (d / "pairs.txt").write_text("a cat\ta dog\t3.5\n" * 8)
+    (d / "pairs-bad-score.jsonl").write_text('{"sentence1": "a", "sentence2": "b", "score": 1}\n' * 8
+                                             + '{"sentence1": "a", "sentence2": "b", "score": "high"}\n')
     (d / "folder").mkdir()
     (d / "file").write_text("not a folder")
     (d / "list.json").write_text("[1, 2]")
@@ -172,6 +175,8 @@ TRAIN = [  # (extra argv, words the message must contain); the finished run is p
     (["--train_file", "{d}/latin1.txt"], ["latin1.txt:1", "UTF-8"]),
     (["--train_file", "{d}/x.csv"], ["x.csv", "file type"]),
     (["--objective", "supervised", "--train_file", "{d}/missing-field.jsonl"], ["missing-field.jsonl:1", "negative"]),
+    (["--objective", "cosent", "--train_file", "{d}/pairs-bad-score.jsonl"], ["pairs-bad-score.jsonl:9", "score", "'high'"]),
+    (["--objective", "cosent", "--train_file", "{d}/pairs.txt"], ["pairs.txt:1", "sentence1"]),  # text, not JSONL
     (["--max_steps", "-1"], ["--max_steps", ">=1"]),
     (["--batch_size", "0"], ["--batch_size"]),
     (["--micro_batch_size", "3"], ["--batch_size", "micro_batch_size"]),

@@ -509,6 +509,10 @@ def main(argv=None) -> None:
                     shutil.copy(f, Path(cfg["merge_out"]) / f.name)
             print0(f"merged model written to {cfg['merge_out']}")
     if dist.is_initialized():
+        # DDP's reducer holds the process group. Freed after destroy_process_group (when main returns),
+        # it would drop the group's last reference in a destructor that keeps the GIL while joining
+        # gloo's worker threads, which may need the GIL: a hang at exit. So free it first.
+        del fwd
         dist.barrier()
         dist.destroy_process_group()
 

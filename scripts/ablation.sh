@@ -3,6 +3,7 @@
 #   bash scripts/ablation.sh ROW [TASKS]       then   python scripts/results_table.py
 #   ROW: uni | uni-weighted | bi | prompteol | prompt-ke           (no training)
 #        | paper | paper-weighted                                 (Bi+MNTP+SimCSE, the paper's recipe)
+#        | paper-gpu | paper-gpu-weighted                         (the same at the paper's budget: needs a GPU)
 #        | prompteol-simcse | prompteol-simcse-instruction        (causal + PromptEOL + SimCSE)
 #        | supervised-sick | supervised-sick-eol | supervised-sick-548   (SICK-train triples: KE prompt; PromptEOL; the first set)
 #        | supervised-sick-cosent                               (supervised-sick, then CoSENT on SICK-train's graded pairs)
@@ -36,6 +37,11 @@ case "$row" in
                   ev --pooling mean --adapter $a/paper-mntp/final --adapter $a/paper-simcse/final ;;
   paper-weighted) train paper-mntp && train paper-simcse &&
                   ev --pooling weighted_mean --adapter $a/paper-mntp/final --adapter $a/paper-simcse/final ;;
+  # the paper's budget (MNTP 1000 x 32 x 512, SimCSE 1000 x 128); evaluated in float32 like the CPU rows
+  paper-gpu)      train paper-gpu-mntp && train paper-gpu-simcse && ev --pooling mean --autocast none \
+                    --adapter $a/paper-gpu-mntp/final --adapter $a/paper-gpu-simcse/final ;;
+  paper-gpu-weighted) train paper-gpu-mntp && train paper-gpu-simcse && ev --pooling weighted_mean --autocast none \
+                    --adapter $a/paper-gpu-mntp/final --adapter $a/paper-gpu-simcse/final ;;
   prompteol-simcse) train prompteol-simcse && ev "${eol[@]}" --sts-instruction '' --adapter $a/prompteol-simcse/final ;;
   prompteol-simcse-instruction) train prompteol-simcse-instruction &&
                   ev "${eol[@]}" --adapter $a/prompteol-simcse-instruction/final ;;

@@ -22,6 +22,8 @@ ROWS = [
     ("bi-mntp-lr1e-3-simcse", "Bi+MNTP+SimCSE, mean (session 2: 80 x 64 at 32 tokens)", True),
     ("paper", "Bi+MNTP+SimCSE, mean (the paper's recipe, session 3)", True),
     ("paper-weighted", "Bi+MNTP+SimCSE, weighted mean (session 3)", False),
+    ("paper-gpu", "Bi+MNTP+SimCSE, mean (the paper's budget on a GPU: MNTP 1000 x 32 x 512, SimCSE 1000 x 128)", True),
+    ("paper-gpu-weighted", "Bi+MNTP+SimCSE, weighted mean (the paper's budget on a GPU)", False),
     ("prompteol-simcse", "Causal+PromptEOL+SimCSE, last token", True),
     ("prompteol-simcse-instruction", "Causal+PromptEOL+SimCSE trained and evaluated with the STS instruction", False),
     ("supervised-sick", "Supervised: KE prompt + SICK-train triples (in-domain for SICK-R)", True),

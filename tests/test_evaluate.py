@@ -303,6 +303,10 @@ def test_run_task_and_registry(tmp_path):
 def test_eval_cli_with_fake_encoder(tmp_path, monkeypatch, capsys):
     import l2v.encoder
     write(tmp_path / "data" / "stsbenchmark" / "sts-dev.csv", "g\tf\ty\t0\t5\ta b\ta b\ng\tf\ty\t1\t0\ta b\tc d\n")
+    # test sets scoring -100 (gold inverted) and +100: their average is 0, with the dev set's 100 it would be 33.3
+    write(tmp_path / "data" / "stsbenchmark" / "sts-test.csv", "g\tf\ty\t0\t0\ta b\ta b\ng\tf\ty\t1\t5\ta b\tc d\n")
+    write(tmp_path / "data" / "sick" / "SICK_test_annotated.txt", "pair_ID\tsentence_A\tsentence_B\trelatedness_score\n"
+          "1\ta b\ta b\t5\n2\ta b\tc d\t1\n")
     beir_folder(tmp_path / "data" / "retrieval" / "agentset_msmarco_subset", header=False)
     calls = {}
 
@@ -317,14 +321,16 @@ def test_eval_cli_with_fake_encoder(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(l2v.encoder, "Encoder", FakeEncoder)
     out = tmp_path / "res" / "r.json"
-    harness.main(["--model", "M", "--causal", "--adapter", "A1", "--adapter", "A2", "--tasks", "stsb-dev,msmarco-subset",
+    harness.main(["--model", "M", "--causal", "--adapter", "A1", "--adapter", "A2", "--tasks", "stsb-dev,msmarco-subset,stsb-test,sick-r-test",
               "--data-dir", str(tmp_path / "data"), "--out", str(out), "--dtype", "bfloat16"])
     assert calls["model_dir"] == "M" and calls["adapters"] == ["A1", "A2"] and calls["is_causal"] is True
     assert calls["dtype"] == "bfloat16"
     saved = json.loads(out.read_text())
     assert (saved["args"]["causal"], saved["args"]["pooling"], saved["args"]["prompt"]) == (True, "mean", None)
     results = saved["results"]
-    assert [r["task"] for r in results] == ["stsb-dev", "msmarco-subset"]
+    assert [r["task"] for r in results] == ["stsb-dev", "msmarco-subset", "stsb-test", "sick-r-test", "sts-avg"]
+    assert [r["scores"]["spearman"] for r in results[2:]] == [pytest.approx(-100.0), pytest.approx(100.0), pytest.approx(0.0)]
+    assert results[4]["n"] == 2
     assert results[0]["scores"]["spearman"] == pytest.approx(100.0)
     assert results[1]["scores"]["recall@100"] == pytest.approx(100.0)
     table = capsys.readouterr().out

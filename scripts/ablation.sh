@@ -14,19 +14,22 @@
 # OMP_NUM_THREADS=1 each.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# PY picks the interpreter; default `python`, else `python3` (some GPU images have only python3)
+py=${PY:-$(command -v python || command -v python3 || true)}
+[ -n "$py" ] || { echo "scripts/ablation.sh: neither python nor python3 is on PATH (or set PY)" >&2; exit 2; }
 row=${1:?usage: scripts/ablation.sh ROW [TASKS]}
 tasks=${2:-dev,sts}
 prompt='This sentence : "{text}" means in one word:"'
 [ -f data/sts-dev-500.csv ] || { mkdir -p data && head -500 ../shared/data/stsbenchmark/sts-dev.csv > data/sts-dev-500.csv; }
 train() {  # one stage, skipped when its final adapter is already there
-  [ -f "runs/ablation/$1/final/adapter_model.safetensors" ] || python train.py --config "configs/ablation/$1.json" --progress false
+  [ -f "runs/ablation/$1/final/adapter_model.safetensors" ] || "$py" train.py --config "configs/ablation/$1.json" --progress false
 }
-ev() { python eval.py --tasks "$tasks" --out "docs/results/$row.json" "$@"; }
+ev() { "$py" eval.py --tasks "$tasks" --out "docs/results/$row.json" "$@"; }
 a=runs/ablation
 eol=(--causal --pooling last_token --prompt "$prompt")  # PromptEOL: causal, the prompt, its last token
 # KE: PromptEOL behind a knowledge-enhancement prefix (Zhang et al. 2024, arXiv 2404.03921); read from the
 # supervised row's config, so that its evaluation always uses the prompt it was trained with
-ke=(--causal --pooling last_token --prompt "$(python -c 'import json; print(json.load(open("configs/ablation/supervised-sick.json"))["prompt"])')")
+ke=(--causal --pooling last_token --prompt "$("$py" -c 'import json; print(json.load(open("configs/ablation/supervised-sick.json"))["prompt"])')")
 case "$row" in
   uni)            ev --causal --pooling mean ;;
   uni-weighted)   ev --causal --pooling weighted_mean ;;
@@ -45,14 +48,14 @@ case "$row" in
   prompteol-simcse) train prompteol-simcse && ev "${eol[@]}" --sts-instruction '' --adapter $a/prompteol-simcse/final ;;
   prompteol-simcse-instruction) train prompteol-simcse-instruction &&
                   ev "${eol[@]}" --adapter $a/prompteol-simcse-instruction/final ;;
-  supervised-sick) python scripts/sick_triples.py &&  # deterministic: an older set is never used
+  supervised-sick) "$py" scripts/sick_triples.py &&  # deterministic: an older set is never used
                   train supervised-sick && ev "${ke[@]}" --sts-instruction '' --adapter $a/supervised-sick/final ;;
-  supervised-sick-cosent) python scripts/sick_triples.py && python scripts/sick_triples.py --pairs &&
+  supervised-sick-cosent) "$py" scripts/sick_triples.py && "$py" scripts/sick_triples.py --pairs &&
                   train supervised-sick && train supervised-sick-cosent &&
                   ev "${ke[@]}" --sts-instruction '' --adapter $a/supervised-sick/final --adapter $a/supervised-sick-cosent/final ;;
-  supervised-sick-eol) python scripts/sick_triples.py &&
+  supervised-sick-eol) "$py" scripts/sick_triples.py &&
                   train supervised-sick-eol && ev "${eol[@]}" --sts-instruction '' --adapter $a/supervised-sick-eol/final ;;
-  supervised-sick-548) python scripts/sick_triples.py --negatives contradiction --min-related 0 --out data/sick-train-triples-548.jsonl &&
+  supervised-sick-548) "$py" scripts/sick_triples.py --negatives contradiction --min-related 0 --out data/sick-train-triples-548.jsonl &&
                   train supervised-sick-548 && ev "${eol[@]}" --sts-instruction '' --adapter $a/supervised-sick-548/final ;;
   # session 2: MNTP at lr 1e-3, its step-40 checkpoint chosen on STS-B dev; SimCSE 80 x 64 at 32 tokens
   bi-mntp-lr1e-3) train mntp-lr1e-3 && ev --pooling mean --adapter $a/mntp-lr1e-3/checkpoint-000040 ;;

@@ -164,14 +164,14 @@ def contrastive_micro_batches(ctx, data, global_idx, positions):
     out, enc, cfg = [], ctx["enc"], ctx["cfg"]
     for pos in positions:
         rows = [data[global_idx[p]] for p in pos]
-        if cfg["objective"] == "simcse":
-            texts = [(cfg["instruction"], t) for t in rows] * 2
+        if cfg["objective"] == "simcse":  # the two views are the same texts: tokenize them once
+            prepared = enc.prepare_inputs([(cfg["instruction"], t) for t in rows]) * 2
         elif cfg["objective"] == "cosent":  # a symmetric task: both sides get the instruction, as in evaluation
-            texts = [(r["instruction"] or cfg["instruction"], r[k]) for k in PAIR_FIELDS for r in rows]
+            prepared = enc.prepare_inputs([(r["instruction"] or cfg["instruction"], r[k]) for k in PAIR_FIELDS for r in rows])
         else:  # upstream: the instruction goes with the query only, and pooling skips its tokens
-            texts = [(r["instruction"], r["query"]) for r in rows] + [r["positive"] for r in rows] + \
-                    [r["negative"] for r in rows]
-        batch, = enc.batches(enc.prepare_inputs(texts))
+            prepared = enc.prepare_inputs([(r["instruction"], r["query"]) for r in rows] + [r["positive"] for r in rows] +
+                                          [r["negative"] for r in rows])
+        batch, = enc.batches(prepared)
         scores = torch.tensor([float(r["score"]) for r in rows]) if cfg["objective"] == "cosent" else None
         out.append(((batch, scores), 1, int((batch.segments > 0).sum())))
     return out

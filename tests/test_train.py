@@ -181,3 +181,40 @@ def test_demo_config_loss_decreases(demo_model_dir, objective, tmp_path):
     ls = losses(tmp_path / "out")
     assert len(ls) == 6
     assert sum(ls[-2:]) / 2 < sum(ls[:2]) / 2, ls
+
+
+def test_gradient_checkpointing_replays_dropout_and_keeps_gradients(monkeypatch):
+    """--gradient_checkpointing (the batch-256 supervised row trains with it): each layer is recomputed in
+    the backward under the forward's RNG state, so with attention and LoRA dropout on, packed rows and
+    LoRA on the upper layer only, the loss and every LoRA gradient equal those of the plain run."""
+    import l2v.model
+    from conftest import tiny_model
+    from l2v.lora import add_lora, lora_parameters
+    calls, real = [], l2v.model.checkpoint
+    monkeypatch.setattr(l2v.model, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def step(checkpointing, seed=1):
+        model = tiny_model(attention_dropout=0.3)
+        add_lora(model, r=4, alpha=8, dropout=0.1, layers=[1])
+        with torch.no_grad():  # B = 0 at init would leave A's gradients zero
+            for p in lora_parameters(model):
+                p.normal_(0, 0.1)
+        model.train()
+        model.gradient_checkpointing = checkpointing
+        ids = torch.randint(0, 49152, (3, 12), generator=torch.Generator().manual_seed(0))
+        torch.manual_seed(seed)  # the dropout draws
+        segments = torch.tensor([[1] * 5 + [2] * 7, [1] * 12, [1] * 8 + [0] * 4])  # packed, padded
+        loss = model(ids, segments).pow(2).mean()
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in lora_parameters(model)]
+
+    plain_loss, plain = step(False)
+    assert not calls
+    ckpt_loss, ckpt = step(True)
+    assert len(calls) == 2  # every layer went through torch.utils.checkpoint
+    assert ckpt_loss == plain_loss
+    for a, b in zip(plain, ckpt):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert all(g.abs().sum() > 0 for g in plain)
+    other_loss, _ = step(False, seed=2)  # the dropout draws matter: another seed, another loss
+    assert other_loss != plain_loss

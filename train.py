@@ -322,6 +322,13 @@ def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
+def write_encoder_settings(folder: Path, cfg: dict) -> None:
+    """What `Encoder.from_pretrained` reads from an adapter folder: upstream's file and the resolved config."""
+    write_json(folder / "llm2vec_config.json", {"pooling_mode": cfg["pooling"], "max_length": 512,
+                                                "doc_max_length": 400, "skip_instruction": True})
+    write_json(folder / "train_config.json", cfg)
+
+
 def save_checkpoint(out: Path, step: int, model, opt, sched, cfg: dict, rank: int, world: int) -> None:
     """Write checkpoint-<step>/ via a temp dir + rename, so a kill never leaves a half-written one."""
     final, tmp = out / f"checkpoint-{step:06d}", out / f".tmp-checkpoint-{step:06d}"
@@ -335,7 +342,7 @@ def save_checkpoint(out: Path, step: int, model, opt, sched, cfg: dict, rank: in
         save_adapter(model, tmp, base_model_name_or_path=cfg["model"])
         torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "world_size": world},
                    tmp / "trainer_state.pt")
-        write_json(tmp / "train_config.json", cfg)
+        write_encoder_settings(tmp, cfg)  # a checkpoint encodes like final/: pooling, prompt, attention
     barrier()
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -496,9 +503,7 @@ def main(argv=None) -> None:
     final_metrics = run_eval() if (eval_data is not None or sts is not None) and not evaluated else {}
     if master:
         save_adapter(model, out / "final", base_model_name_or_path=cfg["model"])
-        write_json(out / "final" / "llm2vec_config.json", {"pooling_mode": cfg["pooling"], "max_length": 512,
-                                                           "doc_max_length": 400, "skip_instruction": True})
-        write_json(out / "final" / "train_config.json", cfg)
+        write_encoder_settings(out / "final", cfg)
         log({"event": "end", **final_metrics, "step": step, "seconds": round(time.time() - t0, 1)})
         if cfg["merge_out"]:
             save_model(merge_lora(model), cfg["merge_out"], dtype=cfg["weights_dtype"])

@@ -106,11 +106,12 @@ def test_supervised_objective_and_merge_out(tiny_dir, text_files, tmp_path):
     out = tmp_path / "sup"
     run(common_args(tiny_dir, out, "supervised", text_files) + [
         "--max_steps", "2", "--batch_size", "4", "--warmup_steps", "1", "--merge_out", str(tmp_path / "merged"),
-        "--is_causal", "true", "--pooling", "last_token", "--prompt", 'In one word, "{text}" means:'])
+        "--is_causal", "true", "--pooling", "last_token", "--prompt", 'In one word, "{text}" means:', "--save_every", "1"])
     cfg = json.loads((out / "final" / "train_config.json").read_text())
     assert cfg["objective"] == "supervised" and cfg["scale"] == 50.0 and cfg["lr"] == 1e-3
     assert json.loads((out / "final" / "llm2vec_config.json").read_text())["pooling_mode"] == "last_token"
-    for folder, adapters in ((tiny_dir, [out / "final"]), (tmp_path / "merged", [])):  # encodes as it trained
+    for folder, adapters in ((tiny_dir, [out / "final"]), (tiny_dir, [out / "checkpoint-000001"]),
+                             (tmp_path / "merged", [])):  # encodes as it trained; a checkpoint too
         enc = Encoder.from_pretrained(folder, adapters=adapters)
         assert (enc.prompt, enc.pooling, enc.model.config.is_causal) == ('In one word, "{text}" means:', "last_token", True)
     merged = load_model(tmp_path / "merged")

@@ -1,0 +1,90 @@
+"""Variants of one train.py config, side by side, chosen on a dev set by a rule fixed before the run.
+
+    python scripts/sweep.py scripts/sweeps/supervised-sick.json --out runs/sweeps/supervised-sick   # from the repo root
+
+Each variant is `train.py --config CONFIG` plus its own keys; it scores the dev file (STS-B style) every
+`eval_every` steps and keeps a checkpoint at each. The best (variant, step) on dev is evaluated with
+eval.py (`eval_tasks`, e.g. the test sets) only if it beats the reference (a variant's step, e.g. the
+recipe's own) by at least `bar`; otherwise no test set is read. The variants run `parallel` at a time
+(on one GPU the small demo model leaves the card idle between kernels); none starts after `budget_s`.
+Writes OUT/sweep.json (dev curves, the choice, what was skipped) and OUT/best.json (eval.py's output).
+The sweep file's keys: config, dev, variants [{name, eval_every, stop, set: {key: value}}], reference
+{variant, step}, bar, eval_tasks, eval_args, parallel, budget_s, train_args.
+"""
+import argparse
+import json
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def train(spec: dict, v: dict, out: Path, t0: float) -> str:
+    if time.time() - t0 > spec.get("budget_s", float("inf")):
+        return "skipped (budget)"
+    args = [sys.executable, str(ROOT / "train.py"), "--config", spec["config"], "--output_dir", str(out / v["name"]),
+            "--eval_sts_file", spec["dev"], "--eval_every", str(v["eval_every"]), "--save_every", str(v["eval_every"]),
+            "--keep_checkpoints", "100000", "--stop_after_n_steps", str(v["stop"]), "--progress", "false",
+            *spec.get("train_args", [])]
+    for key, value in v.get("set", {}).items():
+        args += [f"--{key}", json.dumps(value) if isinstance(value, (list, bool)) else str(value)]
+    res = subprocess.run(args, capture_output=True, text=True)
+    (out / v["name"]).mkdir(parents=True, exist_ok=True)
+    (out / v["name"] / "train.out").write_text(res.stdout + res.stderr)
+    return "ok" if res.returncode == 0 else f"failed (exit {res.returncode}): {(res.stderr or res.stdout).strip()[-300:]}"
+
+
+def curve(folder: Path) -> dict[int, float]:
+    log = folder / "log.jsonl"
+    recs = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    return {r["step"]: r["eval_sts_spearman"] for r in recs if "eval_sts_spearman" in r}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sweep", type=Path, help="the sweep's JSON file")
+    p.add_argument("--out", type=Path, required=True, help="a new or empty folder: runs, sweep.json, best.json")
+    args = p.parse_args(argv)
+    spec = json.loads(args.sweep.read_text())
+    names = [v["name"] for v in spec["variants"]]
+    ref = spec["reference"]
+    if len(set(names)) != len(names) or ref["variant"] not in names:
+        sys.exit(f"sweep.py: {args.sweep}: variant names must be unique and include the reference {ref['variant']!r}")
+    for f in (spec["config"], spec["dev"]):
+        if not Path(f).is_file():
+            sys.exit(f"sweep.py: {args.sweep}: {f}: file not found")
+    if args.out.exists() and any(args.out.iterdir()):
+        sys.exit(f"sweep.py: --out {args.out}: not empty (a sweep never overwrites an earlier one)")
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.time()
+    with ThreadPoolExecutor(spec.get("parallel", 1)) as pool:
+        status = dict(zip(names, pool.map(lambda v: train(spec, v, args.out, t0), spec["variants"])))
+    curves = {n: curve(args.out / n) for n in names}
+    for n in names:
+        print(f"{n:16s} {status[n]:10.10s} " + " ".join(f"{s}:{x:.2f}" for s, x in sorted(curves[n].items())))
+    reference = curves[ref["variant"]].get(ref["step"])
+    best = max(((x, n, s) for n in names for s, x in curves[n].items()), default=None)
+    summary = {"sweep": str(args.sweep), "status": status, "curves": curves, "reference": reference,
+               "best": best and {"variant": best[1], "step": best[2], "dev": best[0]}, "bar": spec["bar"],
+               "evaluated": None, "seconds": round(time.time() - t0)}
+    if reference is None or best is None or best[0] < reference + spec["bar"]:
+        print(f"best {best} is not {spec['bar']} above the reference {reference}: no test set read")
+    else:
+        _, name, step = best
+        ckpt = args.out / name / f"checkpoint-{step:06d}"
+        ckpt = ckpt if ckpt.is_dir() else args.out / name / "final"  # the last step has no checkpoint
+        model = json.loads((ckpt / "train_config.json").read_text())["model"]
+        cmd = [sys.executable, str(ROOT / "eval.py"), "--model", model, "--adapter", str(ckpt), "--tasks", spec["eval_tasks"],
+               "--out", str(args.out / "best.json"), *spec.get("eval_args", [])]
+        res = subprocess.run(cmd, text=True)
+        summary["evaluated"] = {"adapter": str(ckpt), "exit": res.returncode}
+    (args.out / "sweep.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"wrote {args.out / 'sweep.json'} ({summary['seconds']} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -20,6 +20,47 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from eval import fail  # noqa: E402
+from train import DEFAULTS, UserError, parse_config  # noqa: E402
+
+REQUIRED = ("config", "dev", "variants", "reference", "bar", "eval_tasks")
+
+
+def flags(v: dict) -> list[str]:
+    return [x for key, value in v.get("set", {}).items()
+            for x in (f"--{key}", json.dumps(value) if isinstance(value, (list, bool)) else str(value))]
+
+
+def read_spec(path: Path) -> dict:
+    """The sweep file, every variant's config checked by train.py's own rules before anything runs."""
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: {e}") from None
+    missing = [k for k in REQUIRED if k not in spec] if isinstance(spec, dict) else list(REQUIRED)
+    if missing:
+        raise UserError(f"{path}: missing key(s) {', '.join(missing)}")
+    if not (isinstance(spec["variants"], list) and spec["variants"] and isinstance(spec["reference"], dict)
+            and all(isinstance(v, dict) for v in spec["variants"])):
+        raise UserError(f"{path}: variants must be a non-empty list of objects, reference an object")
+    for f in (spec["config"], spec["dev"]):
+        if not Path(f).is_file():
+            raise UserError(f"{path}: {f}: file not found")
+    names = [v.get("name") for v in spec["variants"]]
+    if len(set(names)) != len(names) or spec["reference"].get("variant") not in names:
+        raise UserError(f"{path}: variant names must be unique and include the reference {spec['reference']}")
+    for v in spec["variants"]:
+        if not all(isinstance(v.get(k), int) and v[k] >= 1 for k in ("eval_every", "stop")):
+            raise UserError(f"{path}: variant {v['name']}: eval_every and stop must be integers >= 1")
+        unknown = sorted(set(v.get("set", {})) - set(DEFAULTS))
+        if unknown:
+            raise UserError(f"{path}: variant {v['name']}: unknown config key(s) {unknown}")
+        try:
+            parse_config(["--config", spec["config"], *spec.get("train_args", []), *flags(v)])
+        except UserError as e:
+            raise UserError(f"{path}: variant {v['name']}: {e}") from None
+    return spec
 
 
 def train(spec: dict, v: dict, out: Path, t0: float) -> str:
@@ -28,9 +69,7 @@ def train(spec: dict, v: dict, out: Path, t0: float) -> str:
     args = [sys.executable, str(ROOT / "train.py"), "--config", spec["config"], "--output_dir", str(out / v["name"]),
             "--eval_sts_file", spec["dev"], "--eval_every", str(v["eval_every"]), "--save_every", str(v["eval_every"]),
             "--keep_checkpoints", "100000", "--stop_after_n_steps", str(v["stop"]), "--progress", "false",
-            *spec.get("train_args", [])]
-    for key, value in v.get("set", {}).items():
-        args += [f"--{key}", json.dumps(value) if isinstance(value, (list, bool)) else str(value)]
+            *spec.get("train_args", []), *flags(v)]
     res = subprocess.run(args, capture_output=True, text=True)
     (out / v["name"]).mkdir(parents=True, exist_ok=True)
     (out / v["name"] / "train.out").write_text(res.stdout + res.stderr)
@@ -48,16 +87,13 @@ def main(argv=None):
     p.add_argument("sweep", type=Path, help="the sweep's JSON file")
     p.add_argument("--out", type=Path, required=True, help="a new or empty folder: runs, sweep.json, best.json")
     args = p.parse_args(argv)
-    spec = json.loads(args.sweep.read_text())
-    names = [v["name"] for v in spec["variants"]]
-    ref = spec["reference"]
-    if len(set(names)) != len(names) or ref["variant"] not in names:
-        sys.exit(f"sweep.py: {args.sweep}: variant names must be unique and include the reference {ref['variant']!r}")
-    for f in (spec["config"], spec["dev"]):
-        if not Path(f).is_file():
-            sys.exit(f"sweep.py: {args.sweep}: {f}: file not found")
-    if args.out.exists() and any(args.out.iterdir()):
-        sys.exit(f"sweep.py: --out {args.out}: not empty (a sweep never overwrites an earlier one)")
+    try:
+        spec = read_spec(args.sweep)
+        if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+            raise UserError(f"--out {args.out}: not an empty folder (a sweep never overwrites an earlier one)")
+    except UserError as e:
+        fail("sweep.py", e)
+    names, ref = [v["name"] for v in spec["variants"]], spec["reference"]
     args.out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.time()

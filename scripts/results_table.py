@@ -28,7 +28,7 @@ ROWS = [
     ("prompteol-simcse-instruction", "Causal+PromptEOL+SimCSE trained and evaluated with the STS instruction", False),
     ("supervised-sick", "Supervised: KE prompt + SICK-train triples (in-domain for SICK-R)", True),
     ("supervised-sick-cosent", "Supervised: the same, then CoSENT on SICK-train's scores (in-domain for SICK-R)", True),
-    ("supervised-sick-b256", "Supervised: the same at batch 256, 2 epochs (trained on a GPU; in-domain for SICK-R)", True),
+    ("supervised-sick-b256", "Supervised: KE prompt + SICK-train triples at batch 256, 2 epochs (trained on a GPU; in-domain for SICK-R)", True),
     ("supervised-sick-eol", "Supervised: PromptEOL + SICK-train triples (session 4; in-domain for SICK-R)", False),
     ("supervised-sick-548", "Supervised, the first set: 548 SICK-train triples, r16, 2 epochs (in-domain for SICK-R)", False),
     ("uni-simcse", "Uni+SimCSE, mean (ablation, session 1 settings)", False),

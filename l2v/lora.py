@@ -32,28 +32,32 @@ UNSUPPORTED = ("use_dora", "fan_in_fan_out", "lora_bias", "modules_to_save", "ta
 LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # the decoder layer number in a module path
 
 
-class Dropout(nn.Module):
-    """Inverted dropout. On CPU the mask comes from 16-bit random integers, four per 64-bit draw, which
-    is several times faster than `F.dropout`'s per-element Bernoulli draws and saves a 1-byte mask
-    (a whole MNTP step: docs/performance.md). p is rounded to a multiple of 1/65536 and the kept values
-    are scaled by the exact 1/keep, so the expectation is still x. Elsewhere (CUDA) it is `F.dropout`."""
+def keep_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """A dropout keep mask shaped like x from `seed` alone; keep rate 1 - p, p rounded to 1/65536. Four 16-bit
+    lanes per 64-bit draw: on CPU several times faster than per-element Bernoulli draws (docs/performance.md)."""
+    g = torch.Generator(x.device).manual_seed(seed)
+    words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device).random_(-2 ** 63, None, generator=g)
+    return words.view(torch.int16)[:x.numel()].view(x.shape) >= round(p * 65536) - 32768
 
-    def __init__(self, p: float):
-        super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-        self.p = p
-        self.threshold = round(p * 65536) - 32768  # keep a uniform int16 r iff r >= threshold
-        self.scale = 65536 / (65536 - round(p * 65536))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return x
-        if x.device.type != "cpu":
-            return F.dropout(x, self.p, True)
-        words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-2 ** 63, None)  # uniform 64 bits
-        keep = words.view(torch.int16)[:x.numel()].view(x.shape) >= self.threshold
-        return x * keep * self.scale
+class DroppedLinear(torch.autograd.Function):
+    """F.linear(x * keep_mask(x, p, seed), a) that saves x and the seed for the backward instead of the
+    masked copy of x and the mask: the backward draws the mask again. The q/k/v adapters of a layer (and
+    gate/up) share one saved x, so dropout keeps no more activations than LoRA without it."""
+
+    @staticmethod
+    def forward(ctx, x, a, p: float, seed: int):
+        ctx.save_for_backward(x, a)
+        ctx.p, ctx.seed = p, seed
+        return F.linear(torch.where(keep_mask(x, p, seed), x, 0.0), a)  # `where`: no float copy of the mask
+
+    @staticmethod
+    def backward(ctx, g):
+        x, a = ctx.saved_tensors
+        keep = keep_mask(x, ctx.p, ctx.seed)
+        gx = torch.where(keep, (g @ a.to(g.dtype)).to(x.dtype), 0.0) if ctx.needs_input_grad[0] else None
+        ga = g.flatten(0, -2).T @ torch.where(keep, x, 0.0).flatten(0, -2).to(g.dtype)
+        return gx, ga.to(a.dtype), None, None
 
 
 class LoRALinear(nn.Module):
@@ -62,17 +66,17 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        self.weight = base.weight  # the same Parameter objects: keys and storage unchanged
-        self.bias = base.bias
+        self.weight, self.bias = base.weight, base.bias  # the same Parameter objects: keys and storage unchanged
         # LoRA weights are float32 even on a bf16 base: small updates to low-precision weights get lost.
         kw = dict(bias=False, device=base.weight.device, dtype=torch.float32)
         self.lora_A = nn.Linear(self.in_features, r, **kw)
         self.lora_B = nn.Linear(r, self.out_features, **kw)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # microsoft/LoRA's init
         nn.init.zeros_(self.lora_B.weight)  # so the adapted model starts equal to the base
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1), got {dropout}")
         self.dropout_p = dropout
-        # nn.Identity when off: a p=0 Dropout still copies its input in training mode.
-        self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.keep_scale = 65536 / (65536 - round(dropout * 65536))  # 1 / the exact keep rate
         self.merged = False
         self.train(base.training)  # a new module defaults to training mode: follow the model's mode
 
@@ -81,9 +85,14 @@ class LoRALinear(nn.Module):
         if self.merged:
             return out
         # Compute in the input's dtype (bf16 under autocast); `.to` keeps the grads flowing to fp32.
-        # Scaling is folded into the small (out, r) B rather than applied to the (..., out) output.
-        a, b = self.lora_A.weight.to(x.dtype), (self.lora_B.weight * self.scaling).to(x.dtype)
-        return out + F.linear(F.linear(self.dropout(x), a), b)
+        # Scaling (and dropout's 1 / keep rate) go into the small (out, r) B, not the (..., out) output.
+        a, b = self.lora_A.weight.to(x.dtype), self.lora_B.weight * self.scaling
+        if self.training and self.dropout_p > 0 and torch.compiler.is_compiling():  # traceable; the compiler plans memory
+            return out + F.linear(F.linear(F.dropout(x, self.dropout_p), a), b.to(x.dtype))
+        if self.training and self.dropout_p > 0:  # the seed comes from the CPU generator: seeded, checkpointed
+            h = DroppedLinear.apply(x, a, self.dropout_p, int(torch.randint(2 ** 62, ())))
+            return out + F.linear(h, (b * self.keep_scale).to(x.dtype))
+        return out + F.linear(F.linear(x, a), b.to(x.dtype))
 
     @torch.no_grad()
     def merge(self, sign: int = 1) -> None:
@@ -91,9 +100,6 @@ class LoRALinear(nn.Module):
         if self.merged != (sign > 0):
             self.weight.copy_(self.weight.float() + sign * self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float()))
             self.merged = sign > 0
-
-    def unmerge(self) -> None:
-        self.merge(-1)
 
 
 def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:

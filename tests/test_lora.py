@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -76,7 +77,7 @@ def test_merge_unmerge_and_merge_lora(base_dir):
         diff = (model(x) - unmerged).abs().max().item()
         assert diff <= 1e-5, diff
         for m in lora_modules(model).values():
-            m.unmerge()
+            m.merge(-1)
         wdiff = max((model.state_dict()[k] - v).abs().max().item() for k, v in base_sd.items())
         assert wdiff <= 1e-6, wdiff  # float32 rounding of W + D - D
         assert (model(x) - unmerged).abs().max().item() <= 1e-5
@@ -269,29 +270,64 @@ def test_shape_mismatch_and_missing_half(base_dir, adapter_dir):
         load_adapter(load_model(base_dir), adapter_dir, merge=False)
 
 
-def test_cpu_dropout_statistics_and_gradient():
-    """l2v's CPU dropout: keep rate 1 - p (p rounded to 1/65536), kept values scaled by 1/keep so the
-    mean is preserved, identity in eval mode, gradient = the same mask x scale, seeded reproducibility."""
-    from l2v.lora import Dropout
-    drop = Dropout(0.05).train()
-    assert drop.scale == 65536 / (65536 - 3277)
-    torch.manual_seed(0)
-    x = torch.ones(1001, 999, requires_grad=True)  # odd sizes: the mask is cut from 64-bit words
-    y = drop(x)
-    keep = y != 0
-    n = keep.numel()
-    rate = keep.float().mean().item()
+def test_keep_mask_statistics_and_seed():
+    """LoRA dropout's mask: keep rate 1 - p (p rounded to 1/65536), every 16-bit lane of a draw uniform,
+    a function of the seed alone; LoRALinear scales the kept values by the exact 1 / keep rate."""
+    from l2v.lora import keep_mask
+    x = torch.ones(1001, 999)  # odd sizes: the mask is cut from 64-bit words
+    keep = keep_mask(x, 0.05, seed=7)
+    n, rate = keep.numel(), keep.float().mean().item()
+    assert keep.shape == x.shape and keep.dtype == torch.bool
     assert abs(rate - (1 - 3277 / 65536)) < 4 * (0.05 * 0.95 / n) ** 0.5  # within 4 standard errors
-    assert torch.allclose(y[keep], torch.full_like(y[keep], drop.scale))
-    assert abs(y.mean().item() - 1.0) < 4 * drop.scale * (0.05 * 0.95 / n) ** 0.5
-    lanes = keep.flatten()[:n - n % 4].view(-1, 4).float().mean(0)  # each int16 lane of a word is uniform
+    lanes = keep.flatten()[:n - n % 4].view(-1, 4).float().mean(0)
     assert (lanes - rate).abs().max() < 5 * (0.05 * 0.95 / (n / 4)) ** 0.5
-    y.sum().backward()
-    assert torch.equal(x.grad, keep.float() * drop.scale)
     torch.manual_seed(0)
-    assert torch.equal(drop(x.detach()), y.detach())  # same seed, same mask
-    assert torch.equal(drop.eval()(x), x)
-    bf = torch.ones(64, 64, dtype=torch.bfloat16)
-    assert drop.train()(bf).dtype == torch.bfloat16
+    assert torch.equal(keep_mask(x, 0.05, seed=7), keep) and not torch.equal(keep_mask(x, 0.05, seed=8), keep)
+    assert LoRALinear(nn.Linear(4, 4), r=2, alpha=4, dropout=0.05).keep_scale == 65536 / (65536 - 3277)
     with pytest.raises(ValueError, match="dropout probability"):
-        Dropout(1.0)
+        LoRALinear(nn.Linear(4, 4), r=2, alpha=4, dropout=1.0)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+@pytest.mark.parametrize("dtype,autocast", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)])
+def test_dropped_linear_is_exactly_the_masked_linear(dtype, autocast, device):
+    """The backward draws the mask again from the seed: output and both gradients equal autograd's on
+    F.linear(x * mask, a), bit for bit on the CPU, also under bf16 autocast (fp32 inputs, bf16 matmuls)."""
+    from l2v.lora import DroppedLinear, keep_mask
+    torch.manual_seed(0)
+    x, a, g = (torch.randn(*s, dtype=dtype, device=device) for s in ((3, 7, 33), (5, 33), (3, 7, 5)))
+    grads = []
+    for fn in (lambda x, a: DroppedLinear.apply(x, a, 0.3, 123), lambda x, a: F.linear(x * keep_mask(x, 0.3, 123), a)):
+        xi, ai = x.clone().requires_grad_(), a.clone().requires_grad_()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            y = fn(xi, ai)
+        grads.append((y, *torch.autograd.grad(y, (xi, ai), g.to(y.dtype))))
+    for mine, ref in zip(*grads):
+        assert mine.dtype == ref.dtype
+        assert torch.equal(mine, ref) if device == "cpu" else torch.allclose(mine.float(), ref.float(), rtol=1e-2, atol=1e-2)
+    assert grads[0][1].dtype == dtype and (grads[0][1] == 0).float().mean() > 0.2  # the mask reached x's gradient
+
+
+def test_lora_dropout_keeps_no_extra_activations(base_dir):
+    """What the backward keeps: with LoRA dropout on, no more bytes than with it off (no masked copy of
+    each projection's input, no mask): the projections that share an input share one saved tensor."""
+    def saved_bytes(dropout: float) -> tuple[int, float]:
+        torch.manual_seed(0)
+        model = load_model(base_dir).train()
+        add_lora(model, r=4, alpha=8, dropout=dropout)
+        with torch.no_grad():
+            randomize(model)
+        params, seen = {p.untyped_storage().data_ptr() for p in model.parameters()}, {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(ids()).pow(2).mean()
+        loss.backward()
+        assert all(p.grad.abs().sum() > 0 for p in lora_parameters(model))
+        return sum(seen.values()), loss.item()
+    (dropped, loss), (plain, plain_loss) = saved_bytes(0.1), saved_bytes(0.0)
+    assert dropped == plain and loss != plain_loss  # the same bytes, though dropout acted

@@ -138,9 +138,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 and cast back before the weight, as the reference implementations do.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # `vector_norm` reads x in its own dtype: the backward keeps x (bf16), not a float32 copy of it.
+        ms = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32).square() / x.shape[-1]
+        return self.weight * (x * torch.rsqrt(ms + self.eps)).to(x.dtype)
 
 
 class Attention(nn.Module):

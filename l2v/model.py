@@ -175,6 +175,10 @@ class Attention(nn.Module):
         return self.o_proj(rearrange(y, "b h t d -> b t (h d)"))
 
 
+def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    return F.silu(g) * u
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -183,7 +187,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.dim, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        g, u = self.gate_proj(x), self.up_proj(x)
+        # Training keeps g and u for the backward; recomputing silu(g) there spares keeping it too.
+        return self.down_proj(checkpoint(swiglu, g, u, use_reentrant=False) if g.requires_grad else swiglu(g, u))
 
 
 class Block(nn.Module):
@@ -270,8 +276,3 @@ class Transformer(nn.Module):
     @property
     def lm_head_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """LM head on any (..., D) selection of hidden states: MNTP only needs the masked positions."""
-        return F.linear(hidden, self.lm_head_weight)
-

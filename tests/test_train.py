@@ -184,6 +184,39 @@ def test_demo_config_loss_decreases(demo_model_dir, objective, tmp_path):
     assert sum(ls[-2:]) / 2 < sum(ls[:2]) / 2, ls
 
 
+def test_swiglu_keeps_gate_and_up_only():
+    """In training the MLP keeps g = gate(x) and u = up(x) for the backward, not silu(g) as well (one
+    activation of intermediate size less per layer); output and gradients are the plain expression's."""
+    import torch.nn.functional as F
+    from conftest import tiny_model
+    from l2v.lora import add_lora, lora_parameters
+    model = tiny_model()
+    add_lora(model, r=4, alpha=8, dropout=0.0)
+    mlp = model.layers[0].mlp.train()
+    with torch.no_grad():
+        for p in lora_parameters(mlp):
+            p.normal_(0, 0.1)
+    x = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(0))
+
+    def run(f):
+        seen = {}
+
+        def pack(t):
+            if not isinstance(t, torch.nn.Parameter):
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = f(x)
+        grads = torch.autograd.grad(y.pow(2).sum(), lora_parameters(mlp))
+        return y, grads, sum(seen.values())
+    y, grads, kept = run(mlp)
+    y0, grads0, kept0 = run(lambda x: mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x)))
+    assert kept0 - kept == 2 * 7 * 128 * 4  # one float32 (B, T, intermediate_size) tensor
+    torch.testing.assert_close(y, y0, rtol=0, atol=0)
+    for a, b in zip(grads, grads0):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_gradient_checkpointing_replays_dropout_and_keeps_gradients(monkeypatch):
     """--gradient_checkpointing (the batch-256 supervised row trains with it): each layer is recomputed in
     the backward under the forward's RNG state, so with attention and LoRA dropout on, packed rows and
@@ -192,7 +225,8 @@ def test_gradient_checkpointing_replays_dropout_and_keeps_gradients(monkeypatch)
     from conftest import tiny_model
     from l2v.lora import add_lora, lora_parameters
     calls, real = [], l2v.model.checkpoint
-    monkeypatch.setattr(l2v.model, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(l2v.model, "checkpoint",  # count whole layers (SwiGLU recomputes itself anyway)
+                        lambda f, *a, **k: calls.append(isinstance(f, l2v.model.Block)) or real(f, *a, **k))
 
     def step(checkpointing, seed=1):
         model = tiny_model(attention_dropout=0.3)
@@ -210,9 +244,9 @@ def test_gradient_checkpointing_replays_dropout_and_keeps_gradients(monkeypatch)
         return loss.item(), [p.grad.clone() for p in lora_parameters(model)]
 
     plain_loss, plain = step(False)
-    assert not calls
+    assert not any(calls)
     ckpt_loss, ckpt = step(True)
-    assert len(calls) == 2  # every layer went through torch.utils.checkpoint
+    assert sum(calls) == 2  # every layer went through torch.utils.checkpoint
     assert ckpt_loss == plain_loss
     for a, b in zip(plain, ckpt):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -189,7 +189,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g, u = self.gate_proj(x), self.up_proj(x)
         # Training keeps g and u for the backward; recomputing silu(g) there spares keeping it too.
-        return self.down_proj(checkpoint(swiglu, g, u, use_reentrant=False) if g.requires_grad else swiglu(g, u))
+        h = checkpoint(swiglu, g, u, use_reentrant=False, preserve_rng_state=False) if g.requires_grad else swiglu(g, u)
+        return self.down_proj(h)
 
 
 class Block(nn.Module):

@@ -1,23 +1,23 @@
-"""Encode texts into vectors with an l2v / LLM2Vec model (bidirectional by default).
+"""Encode texts into vectors with an l2v / LLM2Vec model.
 
 Usage:
     python encode.py                                   # seed example: 2 instructed queries x 2 documents
     python encode.py --text "A man plays guitar." --text "Someone is playing an instrument."
     python encode.py --instruction "Given a web search query, retrieve relevant passages that answer the query:" \\
         --text "summit define"
-    python encode.py --file texts.txt --out emb.npy    # .txt: one text per line (blank lines skipped)
+    python encode.py --file texts.txt --out emb.npy    # .txt: one text per line (see --keep-blank-lines)
     python encode.py --file inputs.jsonl --out emb.npy # .jsonl: {"text": ..., "instruction": ...} per line
     python encode.py --model DIR --adapter MNTP_DIR --adapter SIMCSE_DIR --pooling mean --normalize --text ...
 
-Without --model the demo model <repo>/models/smollm2-135m-instruct is used (build it once with
-`python scripts/build_demo_model.py`). Adapters (PEFT format) are merged in the order given. Settings
-not given on the command line come from llm2vec_config.json in the model or adapter folders (and, for
-an adapter that train.py wrote, its prompt and attention from train_config.json), else upstream's
-defaults (bidirectional, mean pooling, max length 512, documents shortened to 400 tokens).
+Without --model: the demo model, with the settings `make setup` wrote into its folder (PromptEOL prompt,
+causal attention, last-token pooling: the best it does untrained). Adapters (PEFT format) are merged in
+the order given. Settings not given as flags come from the model and adapter folders (llm2vec_config.json,
+encoder_config.json), else upstream's defaults (bidirectional, mean pooling, max length 512, documents
+shortened to 400 tokens); the output says which are in force.
 
 Up to 16 texts: prints their cosine-similarity matrix (and writes --out if given). More texts need
---out: a float32 [N, dim] .npy in input order, with a progress bar. --instruction applies to every
-text that has none of its own; the instruction is attended to but not pooled.
+--out: a float32 [N, dim] .npy in input order. --instruction applies to every text that has none of its
+own; the instruction is attended to but not pooled.
 """
 from __future__ import annotations
 
@@ -27,14 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-from eval import check_out_file, fail, positive_int
-from l2v.data import field, read_records
-from l2v.encoder import CHAT_TEMPLATES, POOLING_MODES, Encoder
+from l2v.cli import USER_ERRORS, UserError, add_encoder_args, check_out_file, default_formatter, encoder_from_args, \
+    fail, settings_line
+from l2v.data import field, read_lines, read_records
+from l2v.files import save_npy
 
-REPO = Path(__file__).resolve().parent
-DEMO_MODEL = REPO / "models" / "smollm2-135m-instruct"
 MAX_PRINTED = 16
-
 SEED_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query:"
 SEED_QUERIES = ["how much protein should a female eat", "summit define"]
 SEED_DOCUMENTS = [
@@ -45,25 +43,20 @@ SEED_DOCUMENTS = [
 ]
 
 
-def read_inputs(path: Path, instruction: str) -> tuple[list, list[str]]:
-    """.txt: one text per line; .jsonl: one {"text", optional "instruction"} object per line.
-    Returns the (instruction, text) pairs and where each comes from ("file:line")."""
+def read_inputs(path: Path, instruction: str) -> list[tuple[str, tuple | None]]:
+    """.txt: one text per line, a blank line None; .jsonl: one {"text", optional "instruction"} object per
+    line. Returns (where, (instruction, text) or None) per line ("file:line")."""
     if path.suffix not in (".txt", ".jsonl"):
-        raise ValueError(f"--file {path}: expected a .txt or .jsonl file")
-    records = read_records(path)
-    if not records:
-        raise ValueError(f"--file {path}: no texts (the file is empty or holds only blank lines)")
-    return ([(field(item, where, "instruction", instruction), field(item, where, "text")) for where, item in records],
-            [where for where, _ in records])
-
-
-def as_input(instruction: str, text: str):
-    return (instruction, text) if instruction else text
+        raise UserError(f"--file {path}: expected a .txt or .jsonl file")
+    if path.suffix == ".txt":
+        return [(f"{path}:{n}", (instruction, line) if line.strip() else None) for n, line in read_lines(path)]
+    return [(where, (field(item, where, "instruction", instruction), field(item, where, "text")))
+            for where, item in read_records(path)]
 
 
 def cosine_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a / np.linalg.norm(a, axis=1, keepdims=True)
-    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)  # a kept blank line is a zero row
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
     return a @ b.T
 
 
@@ -81,82 +74,68 @@ def print_matrix(sim: np.ndarray, rows: list[str], cols: list[str], row_name="te
         print(f"{row_name} {i:<3}" + "".join(f"{sim[i, j]:>{width + 1}.4f}" for j in range(len(cols))))
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__[__doc__.index("Usage"):],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="encode.py", description=__doc__.split("\n")[0],
+                                epilog=__doc__[__doc__.index("Usage"):], formatter_class=default_formatter)
     p.add_argument("--text", action="append", default=[], help="a text to encode (repeatable)")
-    p.add_argument("--file", type=Path,
-                   help=".txt (one text per line) or .jsonl ({'text', 'instruction'} per line)")
+    p.add_argument("--file", type=Path, help=".txt (one text per line) or .jsonl ({'text', 'instruction'} per line)")
     p.add_argument("--instruction", default="", help="instruction for every text without its own")
-    p.add_argument("--model", type=Path, help=f"HF-layout model folder (default: {DEMO_MODEL.relative_to(REPO)})")
-    p.add_argument("--adapter", type=Path, action="append", default=[],
-                   help="PEFT adapter folder, merged in order (repeatable)")
-    p.add_argument("--pooling", choices=POOLING_MODES, help="default: llm2vec_config.json, else mean")
-    p.add_argument("--prompt", help="template around each text with one {text} slot (e.g. PromptEOL; "
-                   "default: the adapter's training prompt)")
-    p.add_argument("--max-length", type=positive_int, help="token limit of instruction + text (default 512)")
-    p.add_argument("--chat-template", choices=sorted(CHAT_TEMPLATES) + ["auto"],
-                   help="wrap inputs in a chat turn (off by default)")
-    p.add_argument("--causal", action=argparse.BooleanOptionalAction,
-                   help="keep causal attention (default: the adapter's training setting, else bidirectional)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype")
-    p.add_argument("--autocast", default="auto", choices=["auto", "bfloat16", "none"],
-                   help="bf16 matmuls over float32 weights; auto: where bf16 is fast (GPUs, AVX512-BF16/AMX CPUs)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N")
-    p.add_argument("--max-batch-tokens", type=positive_int,
-                   help="tokens per forward pass; texts are packed (default: 2048 on CPU, 16384 on GPU)")
+    p.add_argument("--keep-blank-lines", action="store_true",
+                   help="a .txt file's blank lines get zero rows, so row i of --out is line i (default: dropped)")
     p.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings")
     p.add_argument("--out", type=Path, help="write a float32 [N, dim] .npy here (input order)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    add_encoder_args(p)
     p.error = lambda message: fail("encode.py", f"{message} (see --help)")  # one line, no usage block
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
     try:
         return run(args)
-    except (ValueError, OSError, TypeError) as e:
+    except USER_ERRORS as e:
         fail("encode.py", e, args.debug)
 
 
 def run(args):
-    seed = not args.text and args.file is None
+    seed, blank = not args.text and args.file is None, 0
     if seed:
         inputs = [(SEED_INSTRUCTION, q) for q in SEED_QUERIES] + list(SEED_DOCUMENTS)
     else:
-        pairs, sources = [(args.instruction, t) for t in args.text], [f"--text #{i + 1}" for i in range(len(args.text))]
-        if args.file is not None:
-            more, where = read_inputs(args.file, args.instruction)
-            pairs, sources = pairs + more, sources + where
-        for (_, text), source in zip(pairs, sources):
-            if not text.strip():
-                raise ValueError(f"{source}: the text is empty")
-        inputs = [as_input(i, t) for i, t in pairs]
+        items = [(f"--text #{i + 1}", (args.instruction, t)) for i, t in enumerate(args.text)]
+        items += read_inputs(args.file, args.instruction) if args.file is not None else []
+        blank = sum(x is None for _, x in items)  # a .txt file's blank lines
+        items = items if args.keep_blank_lines else [(w, x) for w, x in items if x is not None]
+        if all(x is None for _, x in items):
+            raise UserError(f"--file {args.file}: no texts (the file is empty or holds only blank lines)")
+        for where, x in items:
+            if x is not None and not x[1].strip():
+                raise UserError(f"{where}: the text is empty")
+        inputs = [x if x is None or x[0] else x[1] for _, x in items]  # None: a kept blank line
     if len(inputs) > MAX_PRINTED and args.out is None:
-        raise ValueError(f"--out: {len(inputs)} texts are too many to print a similarity matrix; pass --out FILE.npy")
+        raise UserError(f"--out: {len(inputs)} texts are too many to print a similarity matrix; pass --out FILE.npy")
     if args.out is not None:
         check_out_file(args.out, "--out", ".npy")
-    model_dir = args.model or DEMO_MODEL
-    if args.model is None and not (model_dir / "config.json").is_file():
-        raise ValueError(f"{model_dir}: no demo model (build it with `python scripts/build_demo_model.py`)")
-    enc = Encoder.from_pretrained(model_dir, adapters=args.adapter, is_causal=args.causal, dtype=args.dtype,
-                                  pooling=args.pooling, max_length=args.max_length, prompt=args.prompt,
-                                  chat_template=args.chat_template, device=args.device, autocast=args.autocast,
-                                  check_inputs=inputs)
+    keep = [i for i, x in enumerate(inputs) if x is not None]
+    enc = encoder_from_args(args, check_inputs=[inputs[i] for i in keep])
     for folder in args.adapter:
         print(f"merged adapter {folder}")
-    emb = enc.encode(inputs, max_batch_tokens=args.max_batch_tokens, normalize=args.normalize,
-                     show_progress=len(inputs) > MAX_PRINTED)
-
+    print(settings_line(enc), flush=True)
+    emb = np.zeros((len(inputs), enc.model.config.dim), dtype=np.float32)
+    emb[keep] = enc.encode([inputs[i] for i in keep], max_batch_tokens=args.max_batch_tokens,
+                           normalize=args.normalize, show_progress=len(inputs) > MAX_PRINTED)
+    if blank:
+        print(f"{args.file}: {blank} blank line(s) " + ("kept as zero rows: row i is line i" if args.keep_blank_lines
+              else "skipped: rows follow the non-blank lines (--keep-blank-lines keeps row i = line i)"))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        np.save(args.out, emb)
+        save_npy(args.out, emb)
         print(f"wrote {args.out}: float32 {list(emb.shape)}")
     if len(inputs) > MAX_PRINTED:
         return emb
-    texts = [x if isinstance(x, str) else x[1] for x in inputs]
-    attn = "causal" if enc.model.config.is_causal else "bidirectional"
-    precision = args.dtype + (" + bf16 autocast" if enc.autocast else "")
-    print(f"model {model_dir} ({attn}, {enc.pooling} pooling, {precision}), dim {emb.shape[1]}")
-    if enc.prompt:
-        print(f"prompt {enc.prompt!r}")
+    texts = ["" if x is None else x if isinstance(x, str) else x[1] for x in inputs]
+    print(f"model {args.model}")
     if seed:
         print(f"seed example: queries with the instruction {SEED_INSTRUCTION!r} vs documents; cosine similarity")
         print_matrix(cosine_matrix(emb[:2], emb[2:]), texts[:2], texts[2:], "query", "doc")

@@ -32,14 +32,16 @@ def timed(fn, warmup: int, steps: int, device: torch.device) -> list[float]:
     return times
 
 
-def train(loss_fn, params, spec: dict, device: torch.device) -> dict:
-    """The training step both sides time: forward (under bf16 autocast if the spec says so), backward, AdamW."""
+def train(loss_fn, params, spec: dict, device: torch.device, backward: bool = True) -> dict:
+    """The training step both sides time: forward (under bf16 autocast if the spec says so), backward, AdamW.
+    backward=False: loss_fn runs its own backward (a whole accumulated step) and returns the loss."""
     opt, losses = torch.optim.AdamW(params, lr=1e-4), []
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["autocast"] is not None):
             loss = loss_fn()
-        loss.backward()
+        if backward:
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())

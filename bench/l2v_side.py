@@ -1,5 +1,6 @@
 """l2v side: `python bench/l2v_side.py SPEC.json`, started by run.py. It imports the l2v that PYTHONPATH
 names, so `run.py --against` times another checkout with this same code."""
+import contextlib
 import inspect
 import math
 
@@ -47,15 +48,29 @@ def mntp(enc, spec, device, ckpt):
     return train(lambda: mntp_loss(model(ids), labels, model.lm_head_weight), params, spec, device)
 
 
-def simcse(enc, spec, device):
-    """As train.py: both views of every sentence packed into one batch, mean pooling, cos x 20 InfoNCE."""
+def simcse(enc, spec, device, batch=None, micro=None):
+    """train.py's own SimCSE step (`l2v.objectives.SimCSE`): both views of every sentence packed, mean pooling,
+    cos x 20 InfoNCE; with micro-batches, the cached step (the whole batch as negatives). Checkouts that
+    predate the objective classes get the same computation written out."""
     from l2v.encoder import Encoder
-    from l2v.objectives import contrastive_loss
     params, enc.model.gradient_checkpointing = fresh_lora(enc.model, 0.3), False
     senc, texts = Encoder(enc.model, enc.tokenizer, max_length=128), spec["data"]["simcse"]
-    batch, = senc.batches(senc.prepare_inputs(texts * 2))
-    out = train(lambda: contrastive_loss(*senc.embed(batch).chunk(2), scale=20.0), params, spec, device)
-    return dict(out, n=len(texts))
+    n = batch or len(texts)
+    texts = (texts * (n // len(texts) + 1))[:n]
+    try:
+        from l2v.objectives import SimCSE
+    except ImportError:
+        from l2v.objectives import contrastive_loss
+        packed, = senc.batches(senc.prepare_inputs(texts * 2))
+        out = train(lambda: contrastive_loss(*senc.embed(packed).chunk(2), scale=20.0), params, spec, device)
+        return dict(out, n=n)
+    cfg = dict(instruction="", scale=20.0, batch_size=n, micro_batch_size=micro or n, contrastive_batch="global")
+    objective = SimCSE(cfg, enc.tokenizer)
+    objective.attach(enc.model, senc, contextlib.nullcontext)  # common.train sets the autocast
+    positions = [list(range(i, i + (micro or n))) for i in range(0, n, micro or n)]
+    step = objective.micro_batches(texts, list(range(n)), positions, 0)
+    out = train(lambda: objective.backward(enc.model, step), params, spec, device, backward=False)
+    return dict(out, n=n)
 
 
 FIGURES = {"encode_sts": lambda e, s, d: encode(e, s, d, "sts"),

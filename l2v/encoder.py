@@ -18,18 +18,16 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from .checkpoint import load_config, load_model, meta_model, read_json, resolve_autocast, resolve_device, resolve_dtype
+from .checkpoint import load_config, load_model, meta_model, resolve_autocast, resolve_device, resolve_dtype
+from .progress import progress
+from .settings import DEFAULTS, check_chain, read_settings
 from .tokenizer import Tokenizer
 
 POOLING_MODES = ("mean", "weighted_mean", "eos_token", "last_token", "bos_token")
-CONFIG_FILE = "llm2vec_config.json"
-CONFIG_KEYS = {"pooling_mode": str, "max_length": int, "doc_max_length": int, "skip_instruction": bool}
-TRAIN_KEYS = {"prompt": str, "is_causal": bool}  # from train.py's train_config.json: upstream's file lacks them
 # (before, after) the user turn; upstream applied these by hub name (Meta-Llama-3-8B-Instruct, Qwen2-*-Instruct).
 CHAT_TEMPLATES = {
     "llama3": ("<|start_header_id|>user<|end_header_id|>\n\n", "<|eot_id|>"),
@@ -131,19 +129,6 @@ def shorten_by_words(text: str, count_tokens, doc_max_length: int) -> str:
     return text
 
 
-def read_llm2vec_config(*folders) -> dict:
-    """Settings from `llm2vec_config.json` and `train_config.json` in each folder; later folders win."""
-    out = {}
-    for folder in folders:
-        for path, keys in ((Path(folder) / CONFIG_FILE, CONFIG_KEYS), (Path(folder) / "train_config.json", TRAIN_KEYS)):
-            cfg = read_json(path) if path.is_file() else {}
-            for k in set(keys) & set(cfg):
-                if not isinstance(cfg[k], keys[k]) or (k == "prompt" and cfg[k] and cfg[k].count("{text}") != 1):
-                    raise ValueError(f"{path}: {k}: unusable value {cfg[k]!r}")
-                out[k] = cfg[k]
-    return out
-
-
 def missing_template_tokens(name: str, tokenizer: Tokenizer) -> list[str]:
     """The special tokens (<|...|>) of a chat template that this vocabulary lacks."""
     return [t for t in re.findall(r"<\|\w+\|>", "".join(CHAT_TEMPLATES[name])) if tokenizer.token_id(t) is None]
@@ -184,6 +169,7 @@ class Encoder:
         self.pooling, self.max_length, self.doc_max_length = pooling, max_length, doc_max_length
         self.skip_instruction, self.chat_template, self.eos_suffix = skip_instruction, chat_template, eos_suffix
         self.prompt, self.row_tokens = prompt, row_tokens
+        self.settings_sources: list[str] = []  # the files `from_pretrained` took settings from
         # A dtype for the matmuls (weights and residual stream keep theirs), or None.
         self.autocast = None if autocast in (None, "none") else resolve_dtype(autocast)
 
@@ -191,33 +177,39 @@ class Encoder:
     def from_pretrained(cls, model_dir, adapters=(), is_causal: bool | None = None, dtype="float32",
                         pooling: str | None = None, max_length: int | None = None,
                         doc_max_length: int | None = None, skip_instruction: bool | None = None,
-                        chat_template: str | None = None, prompt: str | None = None, device="cpu",
-                        autocast="none", check_inputs=None) -> "Encoder":
-        """Base model, then each PEFT adapter merged in order (MNTP, then SimCSE/supervised). Settings: arguments,
-        else the folders' config files (the last adapter's first), else upstream's defaults (bidirectional).
-        dtype: the weights' (bf16 halves memory); autocast: the matmuls' only (closer to float32).
-        Every file, the adapters' shapes and `check_inputs` are checked before the weights load."""
+                        chat_template: str | None = None, prompt: str | None = None, device="auto",
+                        autocast="auto", check_inputs=None, check_adapters: bool = True) -> "Encoder":
+        """Base model, then each PEFT adapter merged in order (MNTP, then SimCSE/supervised). Settings: the
+        arguments, else the folders' settings files (`l2v.settings`; the last adapter's first), else
+        upstream's defaults (bidirectional, mean). dtype: the weights' (bf16 halves memory); autocast: the
+        matmuls' only; device and autocast "auto" as the command lines: CUDA and bf16 where available and fast.
+        Every file, the adapters' shapes and order (`check_adapters`) and `check_inputs` are checked before
+        the weights load."""
         from .lora import load_adapter, read_adapter  # written separately; only needed here
         adapters = [adapters] if isinstance(adapters, (str, os.PathLike)) else list(adapters)
-        cfg = read_llm2vec_config(model_dir, *adapters)
+        found, sources = read_settings(model_dir, *adapters)
+        cfg = {**DEFAULTS, **found}
         device, dtype = resolve_device(device), resolve_dtype(dtype)
         model_cfg, tok = load_config(model_dir), Tokenizer(model_dir)
 
-        def pick(value, key, default):
-            return value if value is not None else cfg.get(key, default)
-        enc = cls(None, tok, pooling=pick(pooling, "pooling_mode", "mean"), max_length=pick(max_length, "max_length", 512),
-                  doc_max_length=pick(doc_max_length, "doc_max_length", 400),
-                  skip_instruction=pick(skip_instruction, "skip_instruction", True), chat_template=chat_template,
-                  prompt=pick(prompt, "prompt", None) or None, eos_suffix=eos_suffix_for(model_cfg.model_type, tok),
+        def pick(value, key):
+            return value if value is not None else cfg[key]
+        enc = cls(None, tok, pooling=pick(pooling, "pooling_mode"), max_length=pick(max_length, "max_length"),
+                  doc_max_length=pick(doc_max_length, "doc_max_length"),
+                  skip_instruction=pick(skip_instruction, "skip_instruction"), chat_template=chat_template,
+                  prompt=pick(prompt, "prompt") or None, eos_suffix=eos_suffix_for(model_cfg.model_type, tok),
                   autocast=resolve_autocast(autocast, device))
+        enc.settings_sources = sources
         meta = meta_model(model_cfg)
         for folder in adapters:
             read_adapter(folder, meta)
+        if check_adapters:
+            check_chain(adapters)
         if check_inputs is not None:
             enc.prepare_inputs(check_inputs)
         # Merge adapters in float32 and cast afterwards: B @ A added to bf16 weights would lose most of it.
         model = load_model(model_dir, dtype=torch.float32 if adapters else dtype, device=device,
-                           is_causal=bool(pick(is_causal, "is_causal", False)))
+                           is_causal=bool(pick(is_causal, "is_causal")))
         for folder in adapters:
             load_adapter(model, folder, merge=True)
         for p in model.parameters():  # parameters only: the RoPE inv_freq buffer stays float32
@@ -329,9 +321,7 @@ class Encoder:
         prepared = self.prepare_inputs(inputs)
         out = np.zeros((len(prepared), self.model.config.dim), dtype=np.float32)
         batches = self.batches(prepared, max_batch_tokens) if prepared else []
-        if show_progress:
-            from tqdm import tqdm
-            batches = tqdm(batches, unit="batch", desc="encode", disable=None)  # None: off when not a terminal
+        batches = progress(batches, desc="encode", unit="batches", enabled=show_progress)
         was_training = self.model.training
         self.model.eval()
         try:

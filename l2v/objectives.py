@@ -1,16 +1,30 @@
-"""Training objectives as small pure functions, with llm2vec's conventions. MNTP: the token at t is
-predicted from the output at t-1 (the causal-LM shift, kept although attention is bidirectional).
-Contrastive: cosine x scale (20 SimCSE, 50 supervised), cross-entropy with the positive on the
-diagonal, every other gathered document (and hard negative) a negative. CoSENT (not in llm2vec):
-graded pairs, for a last supervised stage on similarity scores."""
+"""Training objectives: the losses as small pure functions, and one class per objective that `train.py`
+runs without knowing its name. An objective has its defaults, its data reader, its micro-batch maker and
+its loss; registering one is one entry in `OBJECTIVES` (docs/ablations.md walks through it):
+
+    objective = OBJECTIVES[cfg["objective"]](cfg, tokenizer)  # checks only: nothing is written
+    examples = objective.read(cfg["train_file"])
+    objective.attach(model, encoder, amp)                     # once the model is loaded
+    micro = objective.micro_batches(examples, global_batch, positions, step)
+    loss = objective.backward(forward, micro)                 # one step's gradients
+
+Conventions are llm2vec's. MNTP: the token at t is predicted from the output at t-1 (the causal-LM shift,
+kept although attention is bidirectional). Contrastive: cosine x scale (20 SimCSE, 50 supervised),
+cross-entropy with the positive on the diagonal, every other gathered document (and hard negative) a
+negative. CoSENT (not in llm2vec): graded pairs, for a last supervised stage on similarity scores.
+"""
 from __future__ import annotations
 
+import contextlib
+from typing import NamedTuple
+
 import torch
-import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 
-# ----------------------------------------------------------------------------- mntp
+from .data import PAIR_FIELDS, mask_token_id, mask_tokens, mntp_blocks, read_examples, read_texts
+from .distributed import all_gather_with_grad, all_sum, is_distributed
+
+# ----------------------------------------------------------------------------- losses
 
 
 def num_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -32,20 +46,6 @@ def mntp_loss(hidden: torch.Tensor, labels: torch.Tensor, head_weight: torch.Ten
     if normalizer is None:
         normalizer = sel.sum().clamp(min=1)
     return loss / normalizer
-
-
-# ----------------------------------------------------------------------------- contrastive
-
-
-def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate x (n, ...) from all ranks in rank order -> (world_size * n, ...); identity when not
-    distributed; every rank passes the same n. Without it each rank would contrast against its own
-    slice only: DDP would shrink the pool of in-batch negatives. Every rank computes the same global
-    loss L; torch.distributed.nn's all_gather sums all ranks' gradients for slice r onto rank r
-    (world_size x dL/dslice_r), which DDP's averaging divides back: the exact gradient of L."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    return torch.cat(dist_nn.all_gather(x))
 
 
 def contrastive_loss(q: torch.Tensor, d: torch.Tensor, hard_negatives: torch.Tensor | None = None,
@@ -70,3 +70,248 @@ def cosent_loss(a: torch.Tensor, b: torch.Tensor, scores: torch.Tensor, scale: f
     scores = scores.to(cos.device)
     diff = (cos[None, :] - cos[:, None]).masked_fill(scores[:, None] <= scores[None, :], float("-inf"))
     return torch.logsumexp(torch.cat([diff.new_zeros(1), diff.flatten()]), dim=0)
+
+
+# ----------------------------------------------------------------------------- the interface
+
+
+class MicroBatch(NamedTuple):
+    inputs: object  # what the objective's `loss` takes
+    terms: int  # loss terms it holds (MNTP: scored tokens; contrastive: 1), for the step's normaliser
+    tokens: int  # tokens it runs, for the throughput figure
+
+
+def sync_unless(forward, last: bool):
+    """DDP's all-reduce on the last micro-batch of a step only (`no_sync` before it)."""
+    return forward.no_sync() if not last and is_distributed() and hasattr(forward, "no_sync") \
+        else contextlib.nullcontext()
+
+
+class Objective:
+    """The base: plain gradient accumulation over micro-batches. Subclasses set `defaults` and implement
+    `read`, `micro_batches` and `loss`; `__init__` may check the config (raise ValueError), never write."""
+
+    defaults: dict = {}  # over train.py's defaults; a --config file and flags override them
+    group_field: str | None = None  # examples with equal values of this field form each global batch
+
+    def __init__(self, cfg: dict, tokenizer):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.model = self.encoder = None
+        self.amp = contextlib.nullcontext
+
+    def attach(self, model, encoder, amp) -> None:
+        """The loaded model (unwrapped), the training `Encoder` on it, and the autocast context factory."""
+        self.model, self.encoder, self.amp = model, encoder, amp
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def describe(self, world: int) -> dict:
+        """Fields for the log's start record."""
+        return {}
+
+    def read(self, path) -> list:
+        raise NotImplementedError
+
+    def micro_batches(self, examples, batch: list[int], positions: list[list[int]], step: int) -> list[MicroBatch]:
+        """This rank's micro-batches of one global batch: `batch` = indices into `examples`, `positions` =
+        positions in `batch` per micro-batch (`data.micro_batch_positions`)."""
+        raise NotImplementedError
+
+    def loss(self, forward, inputs, gather: bool) -> torch.Tensor:
+        """One micro-batch's loss; `forward` is the model to call (DDP / compiled wrapper); `gather`: over ranks."""
+        raise NotImplementedError
+
+    def backward(self, forward, micro: list[MicroBatch]) -> torch.Tensor:
+        """One step's gradients: forward and backward per micro-batch, DDP syncing on the last only. Each
+        loss is divided by the terms of the whole global batch (summed over ranks, / world: DDP averages),
+        so the gradient is that of the mean over every term whatever the split. Returns the loss summed
+        over this rank's micro-batches (summed over ranks / world = the step's loss)."""
+        world = torch.distributed.get_world_size() if is_distributed() else 1
+        norm = all_sum(sum(m.terms for m in micro), self.device, item=False) / world
+        total = torch.zeros((), device=self.device)
+        for i, m in enumerate(micro):
+            with sync_unless(forward, last=i == len(micro) - 1):
+                with self.amp():
+                    loss = self.loss(forward, m.inputs, gather=True) / norm
+                loss.backward()
+            total += loss.detach()
+        return total
+
+
+# ----------------------------------------------------------------------------- MNTP
+
+
+class MNTP(Objective):
+    """Masked next-token prediction on blocks of `max_seq_length` tokens of running text."""
+
+    defaults = dict(lr=5e-5, max_seq_length=512, batch_size=32)
+
+    def __init__(self, cfg, tokenizer):
+        super().__init__(cfg, tokenizer)
+        self.mask_id = mask_token_id(tokenizer, cfg["mask_token"])
+
+    def read(self, path):
+        return mntp_blocks(self.tokenizer, read_texts(path), self.cfg["max_seq_length"])
+
+    def micro_batches(self, examples, batch, positions, step):
+        """Mask the whole global batch with a generator seeded by (seed, step), then take this rank's rows:
+        any world size or accumulation split sees the masks one process would, and resume is exact."""
+        g = torch.Generator().manual_seed(self.cfg["seed"] * 1_000_003 + step)
+        ids, labels = mask_tokens(examples[batch], mask_id=self.mask_id, special_ids=self.tokenizer.special_ids,
+                                  vocab_size=self.tokenizer.vocab_size, probability=self.cfg["mask_probability"],
+                                  mode=self.cfg["mask_mode"], generator=g)
+        return [MicroBatch((ids[p], labels[p]), int(num_targets(labels[p])), ids[p].numel()) for p in positions]
+
+    def loss(self, forward, inputs, gather):
+        ids, labels = (t.to(self.device) for t in inputs)
+        return mntp_loss(forward(ids), labels, self.model.lm_head_weight, normalizer=1.0)
+
+
+# ----------------------------------------------------------------------------- contrastive
+
+
+def rng_state(device: torch.device):
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def set_rng_state(state, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+class Contrastive(Objective):
+    """Each example gives `views` texts; a micro-batch's texts are packed into one `Batch` and embedded by
+    the encoder (pooling, prompt, instructions as in evaluation); the loss compares the views' embeddings
+    gathered over ranks. Subclasses give the texts (`texts`, view-major), what the loss needs besides the
+    embeddings (`targets`), and the loss (`view_loss`).
+
+    With several micro-batches per step, `contrastive_batch: global` (the default) caches gradients
+    (Gao et al. 2021, GradCache): every micro-batch is embedded without keeping activations, the loss runs
+    over the whole global batch, and each micro-batch runs again with gradients, its embeddings receiving
+    the loss's gradient. Every example then has the whole global batch as negatives at micro-batch memory,
+    for one extra forward. `micro` keeps each micro-batch its own contrastive problem (upstream's)."""
+
+    views = 2
+
+    def texts(self, rows) -> list:
+        raise NotImplementedError
+
+    def targets(self, rows):
+        return None
+
+    def view_loss(self, views: list[torch.Tensor], targets) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prepare(self, rows) -> list:
+        return self.encoder.prepare_inputs(self.texts(rows))
+
+    def contrastive_size(self, world: int) -> int:
+        accumulating = self.cfg["batch_size"] > self.cfg["micro_batch_size"] * world
+        return self.cfg["micro_batch_size"] * world if accumulating and self.cfg["contrastive_batch"] == "micro" \
+            else self.cfg["batch_size"]
+
+    def describe(self, world):
+        n = self.contrastive_size(world)
+        return {"contrastive_batch": self.cfg["contrastive_batch"], "contrastive_examples": n,
+                "negatives_per_example": n * (self.views - 1) - 1}
+
+    def micro_batches(self, examples, batch, positions, step):
+        out = []
+        for pos in positions:
+            rows = [examples[batch[p]] for p in pos]
+            packed, = self.encoder.batches(self.prepare(rows))
+            out.append(MicroBatch((packed, self.targets(rows)), 1, int((packed.segments > 0).sum())))
+        return out
+
+    def gathered_loss(self, views, targets, gather: bool) -> torch.Tensor:
+        if gather:
+            views = [all_gather_with_grad(v) for v in views]
+            targets = None if targets is None else all_gather_with_grad(targets.to(views[0].device))
+        return self.view_loss(views, targets)
+
+    def loss(self, forward, inputs, gather):
+        packed, targets = inputs
+        return self.gathered_loss(self.encoder.embed(packed, forward).chunk(self.views), targets, gather)
+
+    def backward(self, forward, micro):
+        if len(micro) == 1 or self.cfg["contrastive_batch"] == "micro":
+            return super().backward(forward, micro)
+        device, states, parts = self.device, [], []
+        with torch.no_grad(), self.amp():  # 1. embeddings only; each micro-batch's RNG state kept for 3.
+            for m in micro:
+                states.append(rng_state(device))
+                parts.append(self.encoder.embed(m.inputs[0], forward).chunk(self.views))
+        # 2. The loss over the global batch, and its gradient with respect to every embedding.
+        views = [torch.cat([p[j] for p in parts]).requires_grad_() for j in range(self.views)]
+        targets = None if micro[0].inputs[1] is None else torch.cat([m.inputs[1] for m in micro])
+        loss = self.gathered_loss(views, targets, gather=True)
+        loss.backward()
+        grads = [v.grad.split([len(p[0]) for p in parts]) for v in views]
+        # 3. Each micro-batch again, with gradients and the same dropout masks, fed its embeddings' gradient.
+        for i, m in enumerate(micro):
+            set_rng_state(states[i], device)
+            with sync_unless(forward, last=i == len(micro) - 1):
+                with self.amp():
+                    emb = self.encoder.embed(m.inputs[0], forward)
+                emb.backward(torch.cat([g[i] for g in grads]))
+        return loss.detach()
+
+
+class SimCSE(Contrastive):
+    """Unsupervised SimCSE: every sentence twice, dropout makes the copies differ; the rest of the batch
+    are the negatives."""
+
+    defaults = dict(lr=3e-5, max_seq_length=128, batch_size=128, attention_dropout=0.3, scale=20.0)
+
+    def read(self, path):
+        return read_texts(path)
+
+    def prepare(self, rows):  # the two views are the same texts: tokenize them once
+        return self.encoder.prepare_inputs([(self.cfg["instruction"], t) for t in rows]) * 2
+
+    def view_loss(self, views, targets):
+        return contrastive_loss(*views, scale=self.cfg["scale"])
+
+
+class Supervised(Contrastive):
+    """Query / positive / hard-negative triples (llm2vec's supervised stage); each global batch comes from
+    one `dataset`. Upstream: the instruction goes with the query only, and pooling skips its tokens."""
+
+    defaults = dict(lr=2e-4, max_seq_length=512, batch_size=64, warmup_steps=300, scale=50.0)
+    views = 3
+    group_field = "dataset"
+
+    def read(self, path):
+        return read_examples(path)
+
+    def texts(self, rows):
+        return [(r["instruction"], r["query"]) for r in rows] + [r["positive"] for r in rows] + \
+            [r["negative"] for r in rows]
+
+    def view_loss(self, views, targets):
+        return contrastive_loss(*views, scale=self.cfg["scale"])
+
+
+class CoSENT(Contrastive):
+    """Graded pairs (sentence1, sentence2, score): every two pairs are ranked by their cosines. A symmetric
+    task: both sides get the instruction, as in evaluation."""
+
+    defaults = dict(lr=5e-5, max_seq_length=512, batch_size=32, scale=20.0)
+
+    def read(self, path):
+        return read_examples(path, PAIR_FIELDS)
+
+    def texts(self, rows):
+        return [(r["instruction"] or self.cfg["instruction"], r[k]) for k in PAIR_FIELDS for r in rows]
+
+    def targets(self, rows):
+        return torch.tensor([float(r["score"]) for r in rows])
+
+    def view_loss(self, views, targets):
+        return cosent_loss(*views, targets, scale=self.cfg["scale"])
+
+
+OBJECTIVES: dict[str, type[Objective]] = {"mntp": MNTP, "simcse": SimCSE, "supervised": Supervised, "cosent": CoSENT}

@@ -52,6 +52,13 @@ LAYER_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn
                "ffn_norm": "post_attention_layernorm"}
 GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                 "output.weight": "lm_head.weight"}  # output.weight is absent when embeddings are tied
+# The encoder settings written beside the weights: the best this model does untrained (the results
+# table's "KE prompt" row: PromptEOL behind a knowledge-enhancement prefix, Zhang et al. 2024, causal
+# attention, the last token). Flags and adapters' own settings override them.
+DEMO_SETTINGS = dict(pooling_mode="last_token", is_causal=True, prompt=(
+    "The essence of a sentence is often captured by its main subjects and actions, while descriptive terms "
+    "provide additional but less central details. With this in mind , this sentence : \"{text}\" means in "
+    "one word:\""))
 OUTPUT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "model.safetensors")
 
@@ -315,6 +322,16 @@ def build(out: Path, cache: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def write_demo_settings(out: Path) -> None:
+    """The demo's encoder settings (l2v.settings' files), unless the folder already has settings of its own."""
+    sys.path.insert(0, str(REPO))
+    from l2v.settings import L2V_FILE, UPSTREAM_FILE, write_settings
+    if not (out / L2V_FILE).exists() and not (out / UPSTREAM_FILE).exists():
+        write_settings(out, **DEMO_SETTINGS)
+        print(f"wrote the encoder settings {UPSTREAM_FILE} and {L2V_FILE} into {out}: causal attention, "
+              "last-token pooling, the KE prompt (flags override them)")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: %(default)s)")
@@ -333,12 +350,14 @@ def main(argv: list[str] | None = None) -> int:
         fail(f"{ref_dir / 'tensors.json'} not found (check --verify-against)")  # fail before the slow part
     if already_built(args.out) and not args.force:
         print(f"{args.out} already holds a complete model; nothing to do (use --force to rebuild)")
+        write_demo_settings(args.out)
         return 0
     start = time.perf_counter()
     tensors = build(args.out, args.cache)
     n_params = sum(t.numel() for t in tensors.values())
     print(f"wrote {args.out}: {len(tensors)} tensors, {n_params:,} parameters, "
           f"built in {time.perf_counter() - start:.1f} s")
+    write_demo_settings(args.out)
 
     if ref_dir is None:
         print("reference checks skipped" + ("" if args.no_verify else f" ({DEFAULT_REF} not found)"))

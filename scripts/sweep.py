@@ -21,8 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from eval import fail  # noqa: E402
-from train import DEFAULTS, UserError, parse_config  # noqa: E402
+from l2v.cli import UserError, fail  # noqa: E402
+from l2v.config import DEFAULTS, parse_config  # noqa: E402
 
 REQUIRED = ("config", "dev", "variants", "reference", "bar", "eval_tasks")
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import encode
-import eval as harness
+import eval as eval_cli
 import train
 from conftest import DATA, save_tiny, tiny_model
 from l2v.lora import add_lora, save_adapter
@@ -245,7 +245,7 @@ EVAL = [
 def test_eval_errors(files, capsys, argv, words):
     argv = [a.format(d=files["d"]) for a in argv]
     with pytest.raises(SystemExit) as e:
-        harness.main(["--model", str(files["tiny"]), "--tasks", "stsb-dev", "--data-dir", str(DATA)] + argv)
+        eval_cli.main(["--model", str(files["tiny"]), "--tasks", "stsb-dev", "--data-dir", str(DATA)] + argv)
     assert e.value.code == 2
     line = one_error_line(capsys, "eval.py")
     assert all(w in line for w in words), line

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import ORACLE, save_tiny, tiny_model
-from l2v.encoder import CONFIG_FILE, Encoder, pack, pool, pool_weights, shorten_by_words
+from l2v.encoder import Encoder, pack, pool, pool_weights, shorten_by_words
+from l2v.settings import UPSTREAM_FILE as CONFIG_FILE
 
 MODES = ("mean", "weighted_mean", "eos_token", "last_token")
 
@@ -280,9 +281,9 @@ def test_from_pretrained_takes_prompt_and_attention_from_the_adapters_run(tmp_pa
     assert np.abs(plain.encode(SENTENCES) - enc.encode(SENTENCES)).max() > 1e-3
     encode.main(["--model", str(tiny_dir), "--adapter", str(run), "--text", "a cat", "--text", "a dog"])
     out = capsys.readouterr().out
-    assert "(causal, last_token pooling" in out and f"prompt {prompt!r}" in out
+    assert "settings: causal attention, last_token pooling" in out and f"prompt {prompt!r}" in out
     encode.main(["--model", str(tiny_dir), "--adapter", str(run), "--no-causal", "--text", "a cat", "--text", "a dog"])
-    assert "(bidirectional, last_token pooling" in capsys.readouterr().out
+    assert "settings: bidirectional attention, last_token pooling" in capsys.readouterr().out
     for name, bad in (("train_config.json", dict(prompt="no slot")), ("train_config.json", dict(is_causal="yes")),
                       (CONFIG_FILE, dict(pooling_mode=3))):  # a bad value names its file, before any weights load
         (run / name).write_text(json.dumps(bad))
@@ -291,7 +292,7 @@ def test_from_pretrained_takes_prompt_and_attention_from_the_adapters_run(tmp_pa
 
 
 def test_packing_invariance_demo(demo_model_dir):
-    enc = Encoder.from_pretrained(demo_model_dir)
+    enc = Encoder.from_pretrained(demo_model_dir, autocast="none")
     inputs = SENTENCES + PAIRS
     ref = np.concatenate([enc.encode([x]) for x in inputs])  # one text per forward pass, unpadded
     emb = enc.encode(inputs)

@@ -6,9 +6,11 @@ import types
 import zlib
 
 import numpy as np
+import torch
 import pytest
 
-import eval as harness
+import eval as eval_cli
+from l2v import evaluation as harness
 from conftest import DATA
 
 
@@ -311,8 +313,9 @@ def test_eval_cli_with_fake_encoder(tmp_path, monkeypatch, capsys):
     calls = {}
 
     class FakeEncoder(HashEncoder):
-        pooling, autocast, prompt = "mean", None, None
-        model = types.SimpleNamespace(config=types.SimpleNamespace(is_causal=True))
+        pooling, autocast, prompt, settings_sources = "mean", None, None, []
+        model = types.SimpleNamespace(config=types.SimpleNamespace(is_causal=True, dim=8),
+                                      parameters=lambda: iter([torch.zeros(1)]))
 
         @classmethod
         def from_pretrained(cls, model_dir, **kw):
@@ -321,7 +324,7 @@ def test_eval_cli_with_fake_encoder(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(l2v.encoder, "Encoder", FakeEncoder)
     out = tmp_path / "res" / "r.json"
-    harness.main(["--model", "M", "--causal", "--adapter", "A1", "--adapter", "A2", "--tasks", "stsb-dev,msmarco-subset,stsb-test,sick-r-test",
+    eval_cli.main(["--model", "M", "--causal", "--adapter", "A1", "--adapter", "A2", "--tasks", "stsb-dev,msmarco-subset,stsb-test,sick-r-test",
               "--data-dir", str(tmp_path / "data"), "--out", str(out), "--dtype", "bfloat16"])
     assert calls["model_dir"] == "M" and calls["adapters"] == ["A1", "A2"] and calls["is_causal"] is True
     assert calls["dtype"] == "bfloat16"

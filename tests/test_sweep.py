@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-import train
 from conftest import ROOT
+from l2v.config import DEFAULTS, parse_config
 
 spec_ = importlib.util.spec_from_file_location("sweep", ROOT / "scripts" / "sweep.py")
 sweep_script = importlib.util.module_from_spec(spec_)
@@ -88,9 +88,9 @@ def test_sweep_file_missing_or_not_json(tmp_path, capsys):
 @pytest.mark.parametrize("path", sorted((ROOT / "scripts" / "sweeps").glob("*.json")), ids=lambda p: p.name)
 def test_committed_sweeps_name_real_configs_and_keys(path):
     spec = json.loads(path.read_text())
-    train.parse_config(["--config", str(ROOT / spec["config"])])
+    parse_config(["--config", str(ROOT / spec["config"])])
     names = [v["name"] for v in spec["variants"]]
     assert len(set(names)) == len(names) and spec["reference"]["variant"] in names
     for v in spec["variants"]:
-        assert set(v["set"]) <= set(train.DEFAULTS), v
+        assert set(v["set"]) <= set(DEFAULTS), v
         assert v["stop"] >= spec["reference"]["step"] or v["name"] != spec["reference"]["variant"]

@@ -1,0 +1,175 @@
+"""The training configuration: one table of keys (default, help, check), the objectives' own defaults, and
+`parse_config` (defaults < objective defaults < --config JSON < --key value), which checks every value's
+type, finiteness and range. It reads files (the --config JSON) and writes none."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from .checkpoint import read_json
+from .cli import DATA_DIR, DEMO_MODEL, REPO, UserError, fail
+from .encoder import POOLING_MODES
+from .lora import DEFAULT_TARGETS
+from .objectives import OBJECTIVES
+
+CHECKS = {">=0": lambda v: v >= 0, ">0": lambda v: v > 0, ">=1": lambda v: v >= 1, ">=2": lambda v: v >= 2,
+          "in [0, 1)": lambda v: 0 <= v < 1, "in (0, 1)": lambda v: 0 < v < 1}
+# key: (default, help, check: a CHECKS name or a tuple of choices). A --key value takes its default's type.
+OPTIONS = {
+    "objective": ("mntp", "the training objective (one of OBJECTIVES in l2v/objectives.py)", None),
+    "model": (str(DEMO_MODEL.relative_to(REPO)), "HF model folder (config.json, safetensors, tokenizer.json)", None),
+    "train_file": ("", "MNTP/SimCSE: .txt/.raw (a text per line), .json/.jsonl; supervised: triples; "
+                       "cosent: scored pairs", None),
+    "eval_file": ("", "held-out examples like train_file's: the objective's loss at each evaluation", None),
+    "eval_sts_file": ("", "STS-B style dev file: Spearman x100 at each evaluation", None),
+    "output_dir": ("runs/run", "checkpoints, final/, log.jsonl; must hold no earlier run (see resume, overwrite)",
+                   None),
+    "init_adapter": ([], "adapters merged into the base first (e.g. MNTP's, before SimCSE)", None),
+    "is_causal": (False, "keep causal attention (LLM2Vec trains bidirectional)", None),
+    "device": ("auto", "auto (CUDA when available) | cpu | cuda | cuda:N; torchrun: cuda:LOCAL_RANK", None),
+    "max_steps": (1000, "optimizer steps; the linear schedule ends here", ">=1"),
+    "stop_after_n_steps": (0, "stop early, keeping max_steps' schedule (0 = off)", ">=0"),
+    "batch_size": (32, "global batch: examples per step over ranks and accumulation", ">=1"),
+    "micro_batch_size": (0, "examples per rank per forward (0 = batch_size / ranks)", ">=0"),
+    "contrastive_batch": ("global", "contrastive with micro-batches: global = the whole batch are negatives "
+                                    "(cached gradients); micro = each micro-batch alone (upstream's)",
+                          ("global", "micro")),
+    "lr": (5e-5, "peak learning rate (AdamW)", ">0"),
+    "warmup_steps": (0, "linear warmup steps", ">=0"),
+    "weight_decay": (0.0, "AdamW weight decay", ">=0"),
+    "grad_clip": (1.0, "max gradient norm (0 = off)", ">=0"),
+    "seed": (42, "data order, masks, LoRA init, dropout", ">=0"),
+    "lora_r": (16, "LoRA rank", ">=1"),
+    "lora_alpha": (32.0, "LoRA alpha (scaling alpha / r)", ">0"),
+    "lora_dropout": (0.05, "dropout on the LoRA input", "in [0, 1)"),
+    "lora_targets": (list(DEFAULT_TARGETS), "LoRA projections", None),
+    "lora_layers": ([], "layer numbers that get LoRA (empty = all); the backward stops below the lowest", None),
+    "max_seq_length": (512, "MNTP block length; contrastive: tokens per text", ">=2"),
+    "mask_probability": (0.2, "MNTP: share of tokens masked", "in (0, 1)"),
+    "mask_token": ("blank", "MNTP mask token: '_' (upstream's) or EOS", ("blank", "eos")),
+    "mask_mode": ("80_10_10", "MNTP masking", ("80_10_10", "all_mask")),
+    "attention_dropout": (0.0, "attention dropout (SimCSE: 0.3)", "in [0, 1)"),
+    "pooling": ("mean", "contrastive pooling", POOLING_MODES),
+    "prompt": ("", "contrastive: template around each text with one {text} slot (e.g. PromptEOL)", None),
+    "instruction": ("", "SimCSE, cosent: instruction before each text (supervised: the triples' own)", None),
+    "scale": (20.0, "contrastive: cosine x scale (20 SimCSE and cosent, 50 supervised)", ">0"),
+    "weights_dtype": ("float32", "frozen base weights (LoRA weights stay float32)", ("float32", "bfloat16")),
+    "autocast": ("auto", "matmul dtype; auto: bf16 where fast (GPUs, AVX512-BF16/AMX CPUs)",
+                 ("auto", "bfloat16", "float16", "none")),
+    "gradient_checkpointing": (False, "recompute layers in the backward: less memory, more time", None),
+    "compile": (False, "torch.compile the model", None),
+    "log_every": (10, "steps between log lines (mean loss since the last one)", ">=1"),
+    "eval_every": (0, "steps between evaluations (0 = at the end only)", ">=0"),
+    "eval_batches": (8, "micro-batches of eval_file per evaluation", ">=1"),
+    "save_every": (0, "steps between checkpoints (0 = only final/)", ">=0"),
+    "keep_checkpoints": (2, "newest checkpoints kept", ">=1"),
+    "resume": (False, "continue from the newest intact checkpoint in output_dir", None),
+    "resume_other_data": (False, "resume although train_file differs from the checkpoint's", None),
+    "overwrite": (False, "delete an earlier run's files in output_dir first", None),
+    "merge_out": ("", "also write a merged HF folder (base + init adapters + this LoRA)", None),
+    "progress": (True, "progress bar (when stderr is a terminal)", None),
+}
+DEFAULTS = {k: v[0] for k, v in OPTIONS.items()}
+# What may differ when resuming; any other change would silently train something else.
+RESUMABLE = {"output_dir", "max_steps", "stop_after_n_steps", "device", "log_every", "eval_every", "eval_batches",
+             "eval_file", "eval_sts_file", "save_every", "keep_checkpoints", "resume", "overwrite", "merge_out",
+             "progress", "compile", "gradient_checkpointing", "resume_other_data"}
+LIST_ITEMS = {"init_adapter": str, "lora_targets": str, "lora_layers": int}
+BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def demo_preset(objective: str) -> Path:
+    return REPO / "configs" / objective / "smollm2-135m.json"
+
+
+def from_string(key: str, raw: str):
+    """A command-line string -> the type of the key's default."""
+    default = DEFAULTS[key]
+    try:
+        if isinstance(default, bool):
+            return BOOLS[raw.lower()]
+        if isinstance(default, list):
+            items = json.loads(raw) if raw.startswith("[") else [s for s in raw.split(",") if s]
+            return [int(v) if LIST_ITEMS[key] is int and isinstance(v, str) else v for v in items]
+        return type(default)(raw)
+    except (ValueError, KeyError):
+        raise UserError(f"--{key}: cannot read {raw!r} as {type(default).__name__}") from None
+
+
+def check_value(key: str, value, where: str) -> None:
+    """Type (a bool is not a number), finiteness, range or choices, and list items."""
+    default, check = DEFAULTS[key], OPTIONS[key][2]
+    want = (int, float) if type(default) is float else type(default)
+    if not isinstance(value, want) or (isinstance(value, bool) and not isinstance(default, bool)):
+        raise UserError(f"{where}: expected a {type(default).__name__}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{where}: must be a finite number, got {value}")
+    if isinstance(check, tuple) and value not in check:
+        raise UserError(f"{where}: {value!r} is not one of {', '.join(check)}")
+    if isinstance(check, str) and not CHECKS[check](value):
+        raise UserError(f"{where}: must be {check}, got {value}")
+    if isinstance(value, list):
+        item = LIST_ITEMS[key]
+        bad = [v for v in value if not isinstance(v, item) or isinstance(v, bool) or (item is str and not v.strip())]
+        if bad:
+            raise UserError(f"{where}: every item must be a non-empty {item.__name__}, got {bad[0]!r}")
+        if key == "lora_targets" and not value:
+            raise UserError(f"{where}: needs at least one projection (e.g. {', '.join(DEFAULT_TARGETS)})")
+        if len(set(value)) != len(value):
+            raise UserError(f"{where}: repeated items in {value}")
+
+
+def parse_config(argv: list[str], objectives=OBJECTIVES) -> dict:
+    """defaults < the objective's defaults < --config JSON < --key value; every value checked. With no
+    --config and no --train_file, the objective's demo preset (when its data is there)."""
+    p = argparse.ArgumentParser(prog="train.py", description="One training loop for the LLM2Vec stages; any key "
+                                "of a --config JSON can be given as --key value.", formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: fail("train.py", f"{message} (see --help)")  # one line, no usage block
+    p.add_argument("--config", help="JSON file of the keys below (presets: configs/<objective>/)")
+    p.add_argument("--debug", action="store_true", help="tracebacks for errors")
+    for key, (value, text, check) in OPTIONS.items():
+        choices = f"; one of {', '.join(check)}" if isinstance(check, tuple) else ""
+        choices = f"; one of {', '.join(objectives)}" if key == "objective" else choices
+        p.add_argument(f"--{key}", metavar=type(value).__name__.upper(),
+                       help=f"{text} (default: {json.dumps(value)}{choices})")
+    args = p.parse_args(argv)
+    flags = {k: from_string(k, v) for k, v in vars(args).items() if v is not None and k in DEFAULTS}
+    config = args.config
+    if config is None and "train_file" not in flags:
+        config = str(pick_demo_preset(flags.get("objective", DEFAULTS["objective"])))
+    file_cfg = read_json(config) if config else {}
+    if not isinstance(file_cfg, dict):
+        raise UserError(f"{config}: expected a JSON object of config keys")
+    file_cfg.pop("_comment", None)
+    if set(file_cfg) - set(DEFAULTS):
+        raise UserError(f"{config}: unknown config key(s) {sorted(set(file_cfg) - set(DEFAULTS))}")
+    if "objective" in flags and "objective" in file_cfg and flags["objective"] != file_cfg["objective"]:
+        raise UserError(f"--objective {flags['objective']}: {config} is a preset for {file_cfg['objective']!r} "
+                        f"(its settings would train {flags['objective']} wrongly); use configs/{flags['objective']}/")
+    objective = flags.get("objective", file_cfg.get("objective", DEFAULTS["objective"]))
+    if objective not in objectives:
+        where = "--objective" if "objective" in flags else f"{config}: objective"
+        raise UserError(f"{where}: {objective!r} is not one of {', '.join(objectives)}")
+    cfg = {**DEFAULTS, **objectives[objective].defaults, **file_cfg, **flags}
+    for key, value in cfg.items():
+        check_value(key, value, f"--{key}" if key in flags else f"{config}: {key}")
+    if cfg["prompt"] and cfg["prompt"].count("{text}") != 1:
+        raise UserError("--prompt: needs exactly one {text} slot")
+    if cfg["resume"] and cfg["overwrite"]:
+        raise UserError("--resume, --overwrite: choose one")
+    return cfg
+
+
+def pick_demo_preset(objective: str) -> Path:
+    """Bare `train.py [--objective X]`: the objective's demo preset on the demo model, when the data it
+    reads is there (`../shared/data`); else one line saying what to pass."""
+    preset = demo_preset(objective)
+    example = f"python train.py --objective {objective} --train_file YOUR_FILE" + \
+        (f", or its demo preset --config {preset.relative_to(REPO)} (reads ../shared/data)" if preset.is_file() else "")
+    if not preset.is_file() or not DATA_DIR.is_dir():
+        raise UserError(f"--train_file: required (a .txt, .raw, .json or .jsonl file): {example}")
+    print(f"train.py: no --config or --train_file: the demo preset {preset.relative_to(REPO)} "
+          f"(demo model, data from {DATA_DIR})", flush=True)
+    return preset

@@ -64,7 +64,8 @@ def simcse(enc, spec, device, batch=None, micro=None):
         packed, = senc.batches(senc.prepare_inputs(texts * 2))
         out = train(lambda: contrastive_loss(*senc.embed(packed).chunk(2), scale=20.0), params, spec, device)
         return dict(out, n=n)
-    cfg = dict(instruction="", scale=20.0, batch_size=n, micro_batch_size=micro or n, contrastive_batch="global")
+    from l2v.config import TrainConfig
+    cfg = TrainConfig(objective="simcse", batch_size=n, micro_batch_size=micro or n, max_seq_length=128, scale=20.0)
     objective = SimCSE(cfg, enc.tokenizer)
     objective.attach(enc.model, senc, contextlib.nullcontext)  # common.train sets the autocast
     positions = [list(range(i, i + (micro or n))) for i in range(0, n, micro or n)]

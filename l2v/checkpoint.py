@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from torch import nn
 
 from .model import ModelConfig, Transformer
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -188,6 +190,22 @@ def load_model(folder: str | os.PathLike, dtype="float32", device="cpu", is_caus
     model.load_state_dict(state, strict=True, assign=True)
     model.inv_freq = model.inv_freq.to(device)
     return model.eval()
+
+
+def save_model_with(model: Transformer, dest: str | os.PathLike, files=(), dtype=None) -> Path:
+    """save_model, plus `files` copied in (a tokenizer, encoder settings), into a temporary folder beside
+    `dest` that is then renamed into place: an empty `dest` is replaced, never a half-written one left."""
+    dest = Path(dest)
+    tmp = dest.with_name(f".tmp-{dest.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, tmp, dtype=dtype)
+    for f in map(Path, files):
+        if f.is_file():
+            shutil.copy(f, tmp / f.name)
+    if dest.exists():
+        dest.rmdir()  # only an empty folder: rmdir refuses anything else
+    os.replace(tmp, dest)
+    return dest
 
 
 def save_model(model: Transformer, folder: str | os.PathLike, dtype=None, max_shard_bytes: int | None = None) -> Path:

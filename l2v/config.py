@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .checkpoint import read_json
@@ -16,62 +17,76 @@ from .objectives import OBJECTIVES
 
 CHECKS = {">=0": lambda v: v >= 0, ">0": lambda v: v > 0, ">=1": lambda v: v >= 1, ">=2": lambda v: v >= 2,
           "in [0, 1)": lambda v: 0 <= v < 1, "in (0, 1)": lambda v: 0 < v < 1}
-# key: (default, help, check: a CHECKS name or a tuple of choices). A --key value takes its default's type.
-OPTIONS = {
-    "objective": ("mntp", "the training objective (one of OBJECTIVES in l2v/objectives.py)", None),
-    "model": (str(DEMO_MODEL.relative_to(REPO)), "HF model folder (config.json, safetensors, tokenizer.json)", None),
-    "train_file": ("", "MNTP/SimCSE: .txt/.raw (a text per line), .json/.jsonl; supervised: triples; "
-                       "cosent: scored pairs", None),
-    "eval_file": ("", "held-out examples like train_file's: the objective's loss at each evaluation", None),
-    "eval_sts_file": ("", "STS-B style dev file: Spearman x100 at each evaluation", None),
-    "output_dir": ("runs/run", "checkpoints, final/, log.jsonl; must hold no earlier run (see resume, overwrite)",
-                   None),
-    "init_adapter": ([], "adapters merged into the base first (e.g. MNTP's, before SimCSE)", None),
-    "is_causal": (False, "keep causal attention (LLM2Vec trains bidirectional)", None),
-    "device": ("auto", "auto (CUDA when available) | cpu | cuda | cuda:N; torchrun: cuda:LOCAL_RANK", None),
-    "max_steps": (1000, "optimizer steps; the linear schedule ends here", ">=1"),
-    "stop_after_n_steps": (0, "stop early, keeping max_steps' schedule (0 = off)", ">=0"),
-    "batch_size": (32, "global batch: examples per step over ranks and accumulation", ">=1"),
-    "micro_batch_size": (0, "examples per rank per forward (0 = batch_size / ranks)", ">=0"),
-    "contrastive_batch": ("global", "contrastive with micro-batches: global = the whole batch are negatives "
-                                    "(cached gradients); micro = each micro-batch alone (upstream's)",
-                          ("global", "micro")),
-    "lr": (5e-5, "peak learning rate (AdamW)", ">0"),
-    "warmup_steps": (0, "linear warmup steps", ">=0"),
-    "weight_decay": (0.0, "AdamW weight decay", ">=0"),
-    "grad_clip": (1.0, "max gradient norm (0 = off)", ">=0"),
-    "seed": (42, "data order, masks, LoRA init, dropout", ">=0"),
-    "lora_r": (16, "LoRA rank", ">=1"),
-    "lora_alpha": (32.0, "LoRA alpha (scaling alpha / r)", ">0"),
-    "lora_dropout": (0.05, "dropout on the LoRA input", "in [0, 1)"),
-    "lora_targets": (list(DEFAULT_TARGETS), "LoRA projections", None),
-    "lora_layers": ([], "layer numbers that get LoRA (empty = all); the backward stops below the lowest", None),
-    "max_seq_length": (512, "MNTP block length; contrastive: tokens per text", ">=2"),
-    "mask_probability": (0.2, "MNTP: share of tokens masked", "in (0, 1)"),
-    "mask_token": ("blank", "MNTP mask token: '_' (upstream's) or EOS", ("blank", "eos")),
-    "mask_mode": ("80_10_10", "MNTP masking", ("80_10_10", "all_mask")),
-    "attention_dropout": (0.0, "attention dropout (SimCSE: 0.3)", "in [0, 1)"),
-    "pooling": ("mean", "contrastive pooling", POOLING_MODES),
-    "prompt": ("", "contrastive: template around each text with one {text} slot (e.g. PromptEOL)", None),
-    "instruction": ("", "SimCSE, cosent: instruction before each text (supervised: the triples' own)", None),
-    "scale": (20.0, "contrastive: cosine x scale (20 SimCSE and cosent, 50 supervised)", ">0"),
-    "weights_dtype": ("float32", "frozen base weights (LoRA weights stay float32)", ("float32", "bfloat16")),
-    "autocast": ("auto", "matmul dtype; auto: bf16 where fast (GPUs, AVX512-BF16/AMX CPUs)",
-                 ("auto", "bfloat16", "float16", "none")),
-    "gradient_checkpointing": (False, "recompute layers in the backward: less memory, more time", None),
-    "compile": (False, "torch.compile the model", None),
-    "log_every": (10, "steps between log lines (mean loss since the last one)", ">=1"),
-    "eval_every": (0, "steps between evaluations (0 = at the end only)", ">=0"),
-    "eval_batches": (8, "micro-batches of eval_file per evaluation", ">=1"),
-    "save_every": (0, "steps between checkpoints (0 = only final/)", ">=0"),
-    "keep_checkpoints": (2, "newest checkpoints kept", ">=1"),
-    "resume": (False, "continue from the newest intact checkpoint in output_dir", None),
-    "resume_other_data": (False, "resume although train_file differs from the checkpoint's", None),
-    "overwrite": (False, "delete an earlier run's files in output_dir first", None),
-    "merge_out": ("", "also write a merged HF folder (base + init adapters + this LoRA)", None),
-    "progress": (True, "progress bar (when stderr is a terminal)", None),
-}
-DEFAULTS = {k: v[0] for k, v in OPTIONS.items()}
+
+
+def opt(default, help: str, check=None):
+    """A key: its default, its help and its check (a CHECKS name or a tuple of choices). A --key value
+    takes its default's type."""
+    kw = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
+    return field(**kw, metadata={"help": help, "check": check})
+
+
+@dataclass
+class TrainConfig:
+    objective: str = opt("mntp", "the training objective (one of OBJECTIVES, l2v/objectives.py)")
+    model: str = opt(str(DEMO_MODEL.relative_to(REPO)), "HF model folder (config.json, safetensors, tokenizer.json)")
+    train_file: str = opt("", "MNTP/SimCSE: .txt/.raw (a text per line), .json/.jsonl; supervised: triples; "
+                          "cosent: scored pairs")
+    eval_file: str = opt("", "held-out examples like train_file's: the objective's loss at each evaluation")
+    eval_sts_file: str = opt("", "STS-B style dev file: Spearman x100 at each evaluation")
+    output_dir: str = opt("runs/run", "checkpoints, final/, log.jsonl; must hold no earlier run (see resume, "
+                          "overwrite)")
+    init_adapter: list = opt([], "adapters merged into the base first (e.g. MNTP's, before SimCSE)")
+    is_causal: bool = opt(False, "keep causal attention (LLM2Vec trains bidirectional)")
+    device: str = opt("auto", "auto (CUDA when available) | cpu | cuda | cuda:N; torchrun: cuda:LOCAL_RANK")
+    max_steps: int = opt(1000, "optimizer steps; the linear schedule ends here", ">=1")
+    stop_after_n_steps: int = opt(0, "stop early, keeping max_steps' schedule (0 = off)", ">=0")
+    batch_size: int = opt(32, "global batch: examples per step over ranks and accumulation", ">=1")
+    micro_batch_size: int = opt(0, "examples per rank per forward (0 = batch_size / ranks)", ">=0")
+    contrastive_batch: str = opt("global", "contrastive with micro-batches: global = the whole batch are the "
+                                 "negatives (cached gradients); micro = each micro-batch alone (upstream's)",
+                                 ("global", "micro"))
+    lr: float = opt(5e-5, "peak learning rate (AdamW)", ">0")
+    warmup_steps: int = opt(0, "linear warmup steps", ">=0")
+    weight_decay: float = opt(0.0, "AdamW weight decay", ">=0")
+    grad_clip: float = opt(1.0, "max gradient norm (0 = off)", ">=0")
+    seed: int = opt(42, "data order, masks, LoRA init, dropout", ">=0")
+    lora_r: int = opt(16, "LoRA rank", ">=1")
+    lora_alpha: float = opt(32.0, "LoRA alpha (scaling alpha / r)", ">0")
+    lora_dropout: float = opt(0.05, "dropout on the LoRA input", "in [0, 1)")
+    lora_targets: list = opt(list(DEFAULT_TARGETS), "LoRA projections")
+    lora_layers: list = opt([], "layer numbers that get LoRA (empty = all); the backward stops below the lowest")
+    max_seq_length: int = opt(512, "MNTP block length; contrastive: tokens per text", ">=2")
+    mask_probability: float = opt(0.2, "MNTP: share of tokens masked", "in (0, 1)")
+    mask_token: str = opt("blank", "MNTP mask token: '_' (upstream's) or EOS", ("blank", "eos"))
+    mask_mode: str = opt("80_10_10", "MNTP masking", ("80_10_10", "all_mask"))
+    attention_dropout: float = opt(0.0, "attention dropout (SimCSE: 0.3)", "in [0, 1)")
+    pooling: str = opt("mean", "contrastive pooling", POOLING_MODES)
+    prompt: str = opt("", "contrastive: template around each text with one {text} slot (e.g. PromptEOL)")
+    instruction: str = opt("", "SimCSE, cosent: instruction before each text (supervised: the triples' own)")
+    scale: float = opt(20.0, "contrastive: cosine x scale (20 SimCSE and cosent, 50 supervised)", ">0")
+    weights_dtype: str = opt("float32", "frozen base weights (LoRA weights stay float32)", ("float32", "bfloat16"))
+    autocast: str = opt("auto", "matmul dtype; auto: bf16 where fast (GPUs, AVX512-BF16/AMX CPUs)",
+                        ("auto", "bfloat16", "float16", "none"))
+    gradient_checkpointing: bool = opt(False, "recompute layers in the backward: less memory, more time")
+    compile: bool = opt(False, "torch.compile the model")
+    log_every: int = opt(10, "steps between log lines (mean loss since the last one)", ">=1")
+    eval_every: int = opt(0, "steps between evaluations (0 = at the end only)", ">=0")
+    eval_batches: int = opt(8, "micro-batches of eval_file per evaluation", ">=1")
+    save_every: int = opt(0, "steps between checkpoints (0 = only final/)", ">=0")
+    keep_checkpoints: int = opt(2, "newest checkpoints kept", ">=1")
+    resume: bool = opt(False, "continue from the newest intact checkpoint in output_dir")
+    resume_other_data: bool = opt(False, "resume although train_file differs from the checkpoint's")
+    overwrite: bool = opt(False, "delete an earlier run's files in output_dir first")
+    merge_out: str = opt("", "also write a merged HF folder (base + init adapters + this LoRA)")
+    progress: bool = opt(True, "progress bar (when stderr is a terminal)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+OPTIONS = {f.name: f.metadata for f in fields(TrainConfig)}
+DEFAULTS = TrainConfig().to_dict()
 # What may differ when resuming; any other change would silently train something else.
 RESUMABLE = {"output_dir", "max_steps", "stop_after_n_steps", "device", "log_every", "eval_every", "eval_batches",
              "eval_file", "eval_sts_file", "save_every", "keep_checkpoints", "resume", "overwrite", "merge_out",
@@ -100,7 +115,7 @@ def from_string(key: str, raw: str):
 
 def check_value(key: str, value, where: str) -> None:
     """Type (a bool is not a number), finiteness, range or choices, and list items."""
-    default, check = DEFAULTS[key], OPTIONS[key][2]
+    default, check = DEFAULTS[key], OPTIONS[key]["check"]
     want = (int, float) if type(default) is float else type(default)
     if not isinstance(value, want) or (isinstance(value, bool) and not isinstance(default, bool)):
         raise UserError(f"{where}: expected a {type(default).__name__}, got {value!r}")
@@ -121,7 +136,7 @@ def check_value(key: str, value, where: str) -> None:
             raise UserError(f"{where}: repeated items in {value}")
 
 
-def parse_config(argv: list[str], objectives=OBJECTIVES) -> dict:
+def parse_config(argv: list[str], objectives=OBJECTIVES) -> TrainConfig:
     """defaults < the objective's defaults < --config JSON < --key value; every value checked. With no
     --config and no --train_file, the objective's demo preset (when its data is there)."""
     p = argparse.ArgumentParser(prog="train.py", description="One training loop for the LLM2Vec stages; any key "
@@ -129,11 +144,12 @@ def parse_config(argv: list[str], objectives=OBJECTIVES) -> dict:
     p.error = lambda message: fail("train.py", f"{message} (see --help)")  # one line, no usage block
     p.add_argument("--config", help="JSON file of the keys below (presets: configs/<objective>/)")
     p.add_argument("--debug", action="store_true", help="tracebacks for errors")
-    for key, (value, text, check) in OPTIONS.items():
+    for key, meta in OPTIONS.items():
+        check, value = meta["check"], DEFAULTS[key]
         choices = f"; one of {', '.join(check)}" if isinstance(check, tuple) else ""
         choices = f"; one of {', '.join(objectives)}" if key == "objective" else choices
         p.add_argument(f"--{key}", metavar=type(value).__name__.upper(),
-                       help=f"{text} (default: {json.dumps(value)}{choices})")
+                       help=f"{meta['help']} (default: {json.dumps(value)}{choices})")
     args = p.parse_args(argv)
     flags = {k: from_string(k, v) for k, v in vars(args).items() if v is not None and k in DEFAULTS}
     config = args.config
@@ -159,7 +175,7 @@ def parse_config(argv: list[str], objectives=OBJECTIVES) -> dict:
         raise UserError("--prompt: needs exactly one {text} slot")
     if cfg["resume"] and cfg["overwrite"]:
         raise UserError("--resume, --overwrite: choose one")
-    return cfg
+    return TrainConfig(**cfg)
 
 
 def pick_demo_preset(objective: str) -> Path:

@@ -4,6 +4,7 @@ intact; a full disk is one error naming the file."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -45,3 +46,11 @@ def save_npy(path: str | os.PathLike, array) -> Path:
         with open(tmp, "wb") as f:
             np.save(f, array)
     return atomic_write(path, write)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()

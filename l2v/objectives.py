@@ -2,8 +2,8 @@
 runs without knowing its name. An objective has its defaults, its data reader, its micro-batch maker and
 its loss; registering one is one entry in `OBJECTIVES` (docs/ablations.md walks through it):
 
-    objective = OBJECTIVES[cfg["objective"]](cfg, tokenizer)  # checks only: nothing is written
-    examples = objective.read(cfg["train_file"])
+    objective = OBJECTIVES[cfg.objective](cfg, tokenizer)  # checks only: nothing is written
+    examples = objective.read(cfg.train_file)
     objective.attach(model, encoder, amp)                     # once the model is loaded
     micro = objective.micro_batches(examples, global_batch, positions, step)
     loss = objective.backward(forward, micro)                 # one step's gradients
@@ -150,18 +150,18 @@ class MNTP(Objective):
 
     def __init__(self, cfg, tokenizer):
         super().__init__(cfg, tokenizer)
-        self.mask_id = mask_token_id(tokenizer, cfg["mask_token"])
+        self.mask_id = mask_token_id(tokenizer, cfg.mask_token)
 
     def read(self, path):
-        return mntp_blocks(self.tokenizer, read_texts(path), self.cfg["max_seq_length"])
+        return mntp_blocks(self.tokenizer, read_texts(path), self.cfg.max_seq_length)
 
     def micro_batches(self, examples, batch, positions, step):
         """Mask the whole global batch with a generator seeded by (seed, step), then take this rank's rows:
         any world size or accumulation split sees the masks one process would, and resume is exact."""
-        g = torch.Generator().manual_seed(self.cfg["seed"] * 1_000_003 + step)
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
         ids, labels = mask_tokens(examples[batch], mask_id=self.mask_id, special_ids=self.tokenizer.special_ids,
-                                  vocab_size=self.tokenizer.vocab_size, probability=self.cfg["mask_probability"],
-                                  mode=self.cfg["mask_mode"], generator=g)
+                                  vocab_size=self.tokenizer.vocab_size, probability=self.cfg.mask_probability,
+                                  mode=self.cfg.mask_mode, generator=g)
         return [MicroBatch((ids[p], labels[p]), int(num_targets(labels[p])), ids[p].numel()) for p in positions]
 
     def loss(self, forward, inputs, gather):
@@ -209,13 +209,13 @@ class Contrastive(Objective):
         return self.encoder.prepare_inputs(self.texts(rows))
 
     def contrastive_size(self, world: int) -> int:
-        accumulating = self.cfg["batch_size"] > self.cfg["micro_batch_size"] * world
-        return self.cfg["micro_batch_size"] * world if accumulating and self.cfg["contrastive_batch"] == "micro" \
-            else self.cfg["batch_size"]
+        accumulating = self.cfg.batch_size > self.cfg.micro_batch_size * world
+        return self.cfg.micro_batch_size * world if accumulating and self.cfg.contrastive_batch == "micro" \
+            else self.cfg.batch_size
 
     def describe(self, world):
         n = self.contrastive_size(world)
-        return {"contrastive_batch": self.cfg["contrastive_batch"], "contrastive_examples": n,
+        return {"contrastive_batch": self.cfg.contrastive_batch, "contrastive_examples": n,
                 "negatives_per_example": n * (self.views - 1) - 1}
 
     def micro_batches(self, examples, batch, positions, step):
@@ -237,7 +237,7 @@ class Contrastive(Objective):
         return self.gathered_loss(self.encoder.embed(packed, forward).chunk(self.views), targets, gather)
 
     def backward(self, forward, micro):
-        if len(micro) == 1 or self.cfg["contrastive_batch"] == "micro":
+        if len(micro) == 1 or self.cfg.contrastive_batch == "micro":
             return super().backward(forward, micro)
         device, states, parts = self.device, [], []
         with torch.no_grad(), self.amp():  # 1. embeddings only; each micro-batch's RNG state kept for 3.
@@ -270,10 +270,10 @@ class SimCSE(Contrastive):
         return read_texts(path)
 
     def prepare(self, rows):  # the two views are the same texts: tokenize them once
-        return self.encoder.prepare_inputs([(self.cfg["instruction"], t) for t in rows]) * 2
+        return self.encoder.prepare_inputs([(self.cfg.instruction, t) for t in rows]) * 2
 
     def view_loss(self, views, targets):
-        return contrastive_loss(*views, scale=self.cfg["scale"])
+        return contrastive_loss(*views, scale=self.cfg.scale)
 
 
 class Supervised(Contrastive):
@@ -292,7 +292,7 @@ class Supervised(Contrastive):
             [r["negative"] for r in rows]
 
     def view_loss(self, views, targets):
-        return contrastive_loss(*views, scale=self.cfg["scale"])
+        return contrastive_loss(*views, scale=self.cfg.scale)
 
 
 class CoSENT(Contrastive):
@@ -305,13 +305,13 @@ class CoSENT(Contrastive):
         return read_examples(path, PAIR_FIELDS)
 
     def texts(self, rows):
-        return [(r["instruction"] or self.cfg["instruction"], r[k]) for k in PAIR_FIELDS for r in rows]
+        return [(r["instruction"] or self.cfg.instruction, r[k]) for k in PAIR_FIELDS for r in rows]
 
     def targets(self, rows):
         return torch.tensor([float(r["score"]) for r in rows])
 
     def view_loss(self, views, targets):
-        return cosent_loss(*views, targets, scale=self.cfg["scale"])
+        return cosent_loss(*views, targets, scale=self.cfg.scale)
 
 
 OBJECTIVES: dict[str, type[Objective]] = {"mntp": MNTP, "simcse": SimCSE, "supervised": Supervised, "cosent": CoSENT}

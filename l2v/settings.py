@@ -11,14 +11,14 @@ Later folders win: base model < first adapter < ... < last adapter < the caller'
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 from .checkpoint import read_json
-from .files import write_json
+from .files import sha256_file, write_json
 
 UPSTREAM_FILE, L2V_FILE, TRAIN_FILE = "llm2vec_config.json", "encoder_config.json", "train_config.json"
+SETTINGS_FILES = (UPSTREAM_FILE, L2V_FILE, TRAIN_FILE)
 # Upstream's defaults (bidirectional, mean pooling), for a folder that says nothing.
 DEFAULTS = {"pooling_mode": "mean", "max_length": 512, "doc_max_length": 400, "skip_instruction": True,
             "is_causal": False, "prompt": None}
@@ -28,11 +28,7 @@ L2V_KEYS = {"is_causal": bool, "prompt": (str, type(None))}
 
 def adapter_sha256(folder: str | os.PathLike) -> str:
     """The identity of an adapter: the sha256 of its weights file (moving or renaming it keeps it)."""
-    h = hashlib.sha256()
-    with open(Path(folder) / "adapter_model.safetensors", "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(Path(folder) / "adapter_model.safetensors")
 
 
 def write_settings(folder: str | os.PathLike, *, pooling_mode: str, is_causal: bool, prompt: str | None,

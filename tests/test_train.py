@@ -162,7 +162,7 @@ def test_bad_config_key_and_value(tiny_dir, text_files, tmp_path):
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.json")), ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_committed_configs_are_valid(path):
     """Every preset passes train.py's own checks (keys, types, ranges), and its objective is its folder's."""
-    cfg = parse_config(["--config", str(path)])
+    cfg = parse_config(["--config", str(path)]).to_dict()
     assert cfg["objective"] == path.parent.name or path.parent.name == "ablation"
     assert not cfg["stop_after_n_steps"] or cfg["stop_after_n_steps"] <= cfg["max_steps"]
 

@@ -19,6 +19,7 @@ Up to 16 texts: prints their cosine-similarity matrix (and writes --out if given
 --out: a float32 [N, dim] .npy in input order. --instruction applies to every text that has none of its
 own; the instruction is attended to but not pooled.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,16 @@ from pathlib import Path
 
 import numpy as np
 
-from l2v.cli import USER_ERRORS, UserError, add_encoder_args, check_out_file, default_formatter, encoder_from_args, \
-    fail, settings_line
+from l2v.cli import (
+    USER_ERRORS,
+    UserError,
+    add_encoder_args,
+    check_out_file,
+    default_formatter,
+    encoder_from_args,
+    fail,
+    settings_line,
+)
 from l2v.data import field, read_lines, read_records
 from l2v.files import save_npy
 
@@ -49,9 +58,13 @@ def read_inputs(path: Path, instruction: str) -> list[tuple[str, tuple | None]]:
     if path.suffix not in (".txt", ".jsonl"):
         raise UserError(f"--file {path}: expected a .txt or .jsonl file")
     if path.suffix == ".txt":
-        return [(f"{path}:{n}", (instruction, line) if line.strip() else None) for n, line in read_lines(path)]
-    return [(where, (field(item, where, "instruction", instruction), field(item, where, "text")))
-            for where, item in read_records(path)]
+        return [
+            (f"{path}:{n}", (instruction, line) if line.strip() else None) for n, line in read_lines(path)
+        ]
+    return [
+        (where, (field(item, where, "instruction", instruction), field(item, where, "text")))
+        for where, item in read_records(path)
+    ]
 
 
 def cosine_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -62,7 +75,8 @@ def cosine_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def print_matrix(sim: np.ndarray, rows: list[str], cols: list[str], row_name="text", col_name="text"):
     def short(s, n=70):
-        return s if len(s) <= n else s[:n - 3] + "..."
+        return s if len(s) <= n else s[: n - 3] + "..."
+
     for i, t in enumerate(rows):
         print(f"  {row_name} {i}: {short(t)}")
     if cols is not rows:
@@ -75,13 +89,22 @@ def print_matrix(sim: np.ndarray, rows: list[str], cols: list[str], row_name="te
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="encode.py", description=__doc__.split("\n")[0],
-                                epilog=__doc__[__doc__.index("Usage"):], formatter_class=default_formatter)
+    p = argparse.ArgumentParser(
+        prog="encode.py",
+        description=__doc__.split("\n")[0],
+        epilog=__doc__[__doc__.index("Usage") :],
+        formatter_class=default_formatter,
+    )
     p.add_argument("--text", action="append", default=[], help="a text to encode (repeatable)")
-    p.add_argument("--file", type=Path, help=".txt (one text per line) or .jsonl ({'text', 'instruction'} per line)")
+    p.add_argument(
+        "--file", type=Path, help=".txt (one text per line) or .jsonl ({'text', 'instruction'} per line)"
+    )
     p.add_argument("--instruction", default="", help="instruction for every text without its own")
-    p.add_argument("--keep-blank-lines", action="store_true",
-                   help="a .txt file's blank lines get zero rows, so row i of --out is line i (default: dropped)")
+    p.add_argument(
+        "--keep-blank-lines",
+        action="store_true",
+        help="a .txt file's blank lines get zero rows, so row i of --out is line i (default: dropped)",
+    )
     p.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings")
     p.add_argument("--out", type=Path, help="write a float32 [N, dim] .npy here (input order)")
     add_encoder_args(p)
@@ -114,7 +137,9 @@ def run(args):
                 raise UserError(f"{where}: the text is empty")
         inputs = [x if x is None or x[0] else x[1] for _, x in items]  # None: a kept blank line
     if len(inputs) > MAX_PRINTED and args.out is None:
-        raise UserError(f"--out: {len(inputs)} texts are too many to print a similarity matrix; pass --out FILE.npy")
+        raise UserError(
+            f"--out: {len(inputs)} texts are too many to print a similarity matrix; pass --out FILE.npy"
+        )
     if args.out is not None:
         check_out_file(args.out, "--out", ".npy")
     keep = [i for i, x in enumerate(inputs) if x is not None]
@@ -123,11 +148,21 @@ def run(args):
         print(f"merged adapter {folder}")
     print(settings_line(enc), flush=True)
     emb = np.zeros((len(inputs), enc.model.config.dim), dtype=np.float32)
-    emb[keep] = enc.encode([inputs[i] for i in keep], max_batch_tokens=args.max_batch_tokens,
-                           normalize=args.normalize, show_progress=len(inputs) > MAX_PRINTED)
+    emb[keep] = enc.encode(
+        [inputs[i] for i in keep],
+        max_batch_tokens=args.max_batch_tokens,
+        normalize=args.normalize,
+        show_progress=len(inputs) > MAX_PRINTED,
+    )
     if blank:
-        print(f"{args.file}: {blank} blank line(s) " + ("kept as zero rows: row i is line i" if args.keep_blank_lines
-              else "skipped: rows follow the non-blank lines (--keep-blank-lines keeps row i = line i)"))
+        print(
+            f"{args.file}: {blank} blank line(s) "
+            + (
+                "kept as zero rows: row i is line i"
+                if args.keep_blank_lines
+                else "skipped: rows follow the non-blank lines (--keep-blank-lines keeps row i = line i)"
+            )
+        )
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         save_npy(args.out, emb)
@@ -137,7 +172,9 @@ def run(args):
     texts = ["" if x is None else x if isinstance(x, str) else x[1] for x in inputs]
     print(f"model {args.model}")
     if seed:
-        print(f"seed example: queries with the instruction {SEED_INSTRUCTION!r} vs documents; cosine similarity")
+        print(
+            f"seed example: queries with the instruction {SEED_INSTRUCTION!r} vs documents; cosine similarity"
+        )
         print_matrix(cosine_matrix(emb[:2], emb[2:]), texts[:2], texts[2:], "query", "doc")
     else:
         print("cosine similarity")

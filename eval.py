@@ -14,6 +14,7 @@ Tasks: stsb-dev stsb-test sick-r-trial sick-r-test sts12..sts16 cranfield msmarc
 groups: sts (test sets + average), dev (stsb-dev, sick-r-trial), retrieval. Use dev sets for choices.
 Data comes from --data-dir (default: ../shared/data beside the repository; its README lists the files).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,17 @@ import sys
 import time
 from pathlib import Path
 
-from l2v.cli import DATA_DIR, USER_ERRORS, UserError, add_encoder_args, check_out_file, default_formatter, \
-    encoder_from_args, fail, settings_line
+from l2v.cli import (
+    DATA_DIR,
+    USER_ERRORS,
+    UserError,
+    add_encoder_args,
+    check_out_file,
+    default_formatter,
+    encoder_from_args,
+    fail,
+    settings_line,
+)
 from l2v.evaluation import GROUPS, STS_INSTRUCTION, TASKS, resolve_tasks, run_task
 from l2v.files import write_json
 
@@ -34,14 +44,24 @@ def finite(x):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__[__doc__.index("Examples"):], formatter_class=default_formatter)
+    p = argparse.ArgumentParser(
+        prog="eval.py",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__[__doc__.index("Examples") :],
+        formatter_class=default_formatter,
+    )
     add_encoder_args(p)
     p.add_argument("--tasks", default="dev", help=f"comma-separated tasks or groups ({', '.join(GROUPS)})")
-    p.add_argument("--sts-instruction", default=STS_INSTRUCTION, help="instruction on both sides of STS; '' for none")
+    p.add_argument(
+        "--sts-instruction", default=STS_INSTRUCTION, help="instruction on both sides of STS; '' for none"
+    )
     p.add_argument("--data-dir", type=Path, default=DATA_DIR, help="the data folder")
-    p.add_argument("--out", type=Path, default=Path("out") / time.strftime("eval-%Y%m%d-%H%M%S.json"),
-                   help="JSON results (a new file per run by default; out/ is git-ignored)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("out") / time.strftime("eval-%Y%m%d-%H%M%S.json"),
+        help="JSON results (a new file per run by default; out/ is git-ignored)",
+    )
     p.error = lambda message: fail("eval.py", f"{message} (see --help)")  # one line, no usage block
     return p.parse_args(argv)
 
@@ -69,22 +89,45 @@ def evaluate(args):
     encoder = encoder_from_args(args, check_inputs=[(i or "", "text") for i in instructions])
     # The settings in force (some may come from the folders) go into the printout and the JSON.
     args.causal, args.pooling, args.prompt = encoder.model.config.is_causal, encoder.pooling, encoder.prompt
-    print(f"loaded {args.model} (+{len(args.adapter)} adapters) in {time.perf_counter() - t0:.1f}s; "
-          f"{settings_line(encoder)}", flush=True)
+    print(
+        f"loaded {args.model} (+{len(args.adapter)} adapters) in {time.perf_counter() - t0:.1f}s; "
+        f"{settings_line(encoder)}",
+        flush=True,
+    )
 
     results = []
     for name in tasks:
-        r = run_task(encoder, name, data[name], sts_instruction=args.sts_instruction or None,
-                     max_batch_tokens=args.max_batch_tokens)
+        r = run_task(
+            encoder,
+            name,
+            data[name],
+            sts_instruction=args.sts_instruction or None,
+            max_batch_tokens=args.max_batch_tokens,
+        )
         r["scores"] = {m: finite(v) for m, v in r["scores"].items()}
-        print(f"{name}: " + ", ".join(f"{m} {v:.2f}" if v is not None else f"{m} undefined" for m, v in r["scores"].items())
-              + f" ({r['seconds']:.0f}s)", flush=True)
+        print(
+            f"{name}: "
+            + ", ".join(f"{m} {v:.2f}" if v is not None else f"{m} undefined" for m, v in r["scores"].items())
+            + f" ({r['seconds']:.0f}s)",
+            flush=True,
+        )
         results.append(r)
     # The results table's "STS avg": over the STS test sets that ran; the dev sets stay out of it.
-    sts = [r["scores"]["spearman"] for r in results if r["task"] in GROUPS["sts"] and r["scores"]["spearman"] is not None]
+    sts = [
+        r["scores"]["spearman"]
+        for r in results
+        if r["task"] in GROUPS["sts"] and r["scores"]["spearman"] is not None
+    ]
     if len(sts) > 1:
-        results.append({"task": "sts-avg", "kind": "average", "n": len(sts), "seconds": 0.0,
-                        "scores": {"spearman": sum(sts) / len(sts)}})
+        results.append(
+            {
+                "task": "sts-avg",
+                "kind": "average",
+                "n": len(sts),
+                "seconds": 0.0,
+                "scores": {"spearman": sum(sts) / len(sts)},
+            }
+        )
 
     print(f"\n{'task':<16}{'metric':<12}{'score':>8}{'n':>8}{'seconds':>9}")
     for r in results:
@@ -92,8 +135,13 @@ def evaluate(args):
             shown = f"{score:>8.2f}" if score is not None else f"{'-':>8}"
             print(f"{r['task']:<16}{metric:<12}{shown}{r['n']:>8}{r['seconds']:>9.1f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out, {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                          "results": results})
+    write_json(
+        args.out,
+        {
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "results": results,
+        },
+    )
     print(f"wrote {args.out}")
     return results
 

@@ -27,8 +27,16 @@ from pathlib import Path
 
 import torch
 
-from l2v.checkpoint import TOKENIZER_FILES, load_config, load_model, meta_model, read_json, resolve_autocast
-from l2v.checkpoint import save_model_with
+from l2v.adapters import load_adapter, read_adapter, save_adapter
+from l2v.checkpoint import (
+    TOKENIZER_FILES,
+    load_config,
+    load_model,
+    meta_model,
+    read_json,
+    resolve_autocast,
+    save_model_with,
+)
 from l2v.cli import USER_ERRORS, UserError, fail
 from l2v.config import DEFAULTS, RESUMABLE, TrainConfig, parse_config
 from l2v.data import batches, micro_batch_positions
@@ -36,7 +44,7 @@ from l2v.distributed import all_sum, barrier, init_distributed
 from l2v.encoder import Encoder
 from l2v.evaluation import evaluate_sts, read_stsb
 from l2v.files import sha256_file, write_json, write_text
-from l2v.lora import add_lora, load_adapter, merge_lora, read_adapter, save_adapter
+from l2v.lora import add_lora, merge_lora
 from l2v.objectives import OBJECTIVES, Objective
 from l2v.settings import SETTINGS_FILES, write_settings
 from l2v.tokenizer import Tokenizer
@@ -64,7 +72,9 @@ def check_run(cfg: TrainConfig, world: int) -> Run:
     """Read or check every file the run needs before the model loads; nothing is written."""
     mb, out = cfg.micro_batch_size, Path(cfg.output_dir)
     if cfg.batch_size % (world * mb):
-        raise UserError(f"--batch_size {cfg.batch_size}: must split over {world} rank(s) x micro_batch_size {mb}")
+        raise UserError(
+            f"--batch_size {cfg.batch_size}: must split over {world} rank(s) x micro_batch_size {mb}"
+        )
     if cfg.eval_every and not (cfg.eval_file or cfg.eval_sts_file):
         raise UserError("--eval_every: needs --eval_file or --eval_sts_file")
     model_cfg, tok = load_config(cfg.model), Tokenizer(cfg.model)
@@ -72,7 +82,9 @@ def check_run(cfg: TrainConfig, world: int) -> Run:
     data = objective.read(cfg.train_file)
     groups = [r.get(objective.group_field, "") for r in data] if objective.group_field else None
     if not batches(len(data), cfg.batch_size, seed=0, groups=groups):
-        raise UserError(f"{cfg.train_file}: {len(data)} examples, not one batch of {cfg.batch_size} (per group)")
+        raise UserError(
+            f"{cfg.train_file}: {len(data)} examples, not one batch of {cfg.batch_size} (per group)"
+        )
     eval_data = objective.read(cfg.eval_file) if cfg.eval_file else None
     if eval_data is not None and len(eval_data) < mb:
         raise UserError(f"{cfg.eval_file}: {len(eval_data)} examples, fewer than one micro-batch of {mb}")
@@ -82,7 +94,9 @@ def check_run(cfg: TrainConfig, world: int) -> Run:
         read_adapter(folder, meta)
     try:
         with torch.device("meta"):
-            add_lora(meta_model(model_cfg), r=cfg.lora_r, targets=cfg.lora_targets, layers=cfg.lora_layers or None)
+            add_lora(
+                meta_model(model_cfg), r=cfg.lora_r, targets=cfg.lora_targets, layers=cfg.lora_layers or None
+            )
     except ValueError as e:
         raise UserError(f"--lora_targets / --lora_layers: {e}") from None
     if out.exists() and not out.is_dir():
@@ -90,7 +104,9 @@ def check_run(cfg: TrainConfig, world: int) -> Run:
     present = sorted(p for p in out.iterdir() if p.name != ".lock") if out.is_dir() else []
     earlier = [p for p in present if p.name.startswith(("checkpoint-", ".tmp-")) or p.name in RUN_FILES]
     for flag, folder in [("--init_adapter", f) for f in cfg.init_adapter] + [("--merge_out", cfg.merge_out)]:
-        if folder and any(Path(folder).resolve().is_relative_to(p.resolve()) for p in [*earlier, out / "final"]):
+        if folder and any(
+            Path(folder).resolve().is_relative_to(p.resolve()) for p in [*earlier, out / "final"]
+        ):
             raise UserError(f"{flag} {folder}: inside this run's own files in {out} (they are rewritten)")
     if cfg.merge_out and Path(cfg.merge_out).exists() and any(Path(cfg.merge_out).iterdir()):
         raise UserError(f"--merge_out {cfg.merge_out}: exists and is not empty")
@@ -99,10 +115,14 @@ def check_run(cfg: TrainConfig, world: int) -> Run:
         ckpt = resumable_checkpoint(cfg, out, meta, data_sha256)
     elif present and not cfg.overwrite:
         names = ", ".join(p.name for p in present[:3]) + ", ..." * (len(present) > 3)
-        raise UserError(f"--output_dir {out}: {'holds an earlier run' if earlier else 'is not empty'} ({names}); pass "
-                        "--resume true to continue a run or --overwrite true (deletes only a run's files)")
+        raise UserError(
+            f"--output_dir {out}: {'holds an earlier run' if earlier else 'is not empty'} ({names}); pass "
+            "--resume true to continue a run or --overwrite true (deletes only a run's files)"
+        )
     earlier = earlier if cfg.overwrite else []
-    return Run(objective, tok, data, groups, eval_data, sts, ckpt, data_sha256, [p.name for p in present], earlier)
+    return Run(
+        objective, tok, data, groups, eval_data, sts, ckpt, data_sha256, [p.name for p in present], earlier
+    )
 
 
 def resumable_checkpoint(cfg: TrainConfig, out: Path, meta, data_sha256: str) -> Path:
@@ -119,19 +139,25 @@ def resumable_checkpoint(cfg: TrainConfig, out: Path, meta, data_sha256: str) ->
         except Exception as e:
             damaged.append(f"{ckpt}: damaged, skipped ({type(e).__name__}: {str(e)[:200]})")
     else:
-        raise UserError(f"--resume: no intact checkpoint in {out}" + (f" ({'; '.join(damaged)})" if damaged else ""))
+        raise UserError(
+            f"--resume: no intact checkpoint in {out}" + (f" ({'; '.join(damaged)})" if damaged else "")
+        )
     for d in damaged:
         print(f"train.py: warning: {d}", file=sys.stderr)
     changed = [k for k in DEFAULTS if k not in RESUMABLE and saved.get(k, DEFAULTS[k]) != getattr(cfg, k)]
     if changed:
         diff = ", ".join(f"{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)
-        raise UserError(f"--resume: {ckpt} was trained with other settings: {diff} (only {', '.join(sorted(RESUMABLE))}"
-                        " may change)")
+        raise UserError(
+            f"--resume: {ckpt} was trained with other settings: {diff} (only {', '.join(sorted(RESUMABLE))}"
+            " may change)"
+        )
     if cfg.max_steps < state["step"]:
         raise UserError(f"--max_steps {cfg.max_steps}: below the checkpoint's step {state['step']} ({ckpt})")
     if state.get("data_sha256", data_sha256) != data_sha256 and not cfg.resume_other_data:
-        raise UserError(f"--train_file {cfg.train_file}: not the file {ckpt} was trained on (its sha256 differs); "
-                        "--resume_other_data true continues anyway")
+        raise UserError(
+            f"--train_file {cfg.train_file}: not the file {ckpt} was trained on (its sha256 differs); "
+            "--resume_other_data true continues anyway"
+        )
     return ckpt
 
 
@@ -162,10 +188,15 @@ def save_checkpoint(out: Path, step: int, model, opt, sched, cfg: TrainConfig, r
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    rng = {
+        "cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+    }
     torch.save(rng, tmp / f"rng_rank{rank}.pt")  # per rank: dropout masks differ
     if rank == 0:
-        state = dict(optimizer=opt.state_dict(), scheduler=sched.state_dict(), step=step, data_sha256=run.data_sha256)
+        state = dict(
+            optimizer=opt.state_dict(), scheduler=sched.state_dict(), step=step, data_sha256=run.data_sha256
+        )
         torch.save(state, tmp / "trainer_state.pt")
         save_run(model, tmp, cfg)  # a checkpoint encodes like final/: pooling, prompt, attention
     barrier()
@@ -180,8 +211,13 @@ def save_checkpoint(out: Path, step: int, model, opt, sched, cfg: TrainConfig, r
 def save_run(model, folder: Path, cfg: TrainConfig) -> None:
     """The adapter (PEFT format), the encoder settings it trained with (`l2v.settings`) and the whole config."""
     save_adapter(model, folder, base_model_name_or_path=cfg.model)
-    write_settings(folder, pooling_mode=cfg.pooling, is_causal=cfg.is_causal, prompt=cfg.prompt,
-                   trained_on=cfg.init_adapter)
+    write_settings(
+        folder,
+        pooling_mode=cfg.pooling,
+        is_causal=cfg.is_causal,
+        prompt=cfg.prompt,
+        trained_on=cfg.init_adapter,
+    )
     write_json(folder / "train_config.json", cfg.to_dict())
 
 
@@ -212,7 +248,9 @@ def evaluate(objective: Objective, enc: Encoder, run: Run, cfg: TrainConfig, fin
         if run.eval_data is not None:
             total, count = 0.0, 0
             for k in range(min(len(run.eval_data) // mb, cfg.eval_batches)):
-                (m,) = objective.micro_batches(run.eval_data, list(range(k * mb, (k + 1) * mb)), [list(range(mb))], -1)
+                (m,) = objective.micro_batches(
+                    run.eval_data, list(range(k * mb, (k + 1) * mb)), [list(range(mb))], -1
+                )
                 with objective.amp():
                     total += objective.loss(model, m.inputs, gather=False).item()
                 count += m.terms
@@ -252,7 +290,9 @@ def train(argv: list[str]) -> None:
     if run.ckpt is not None:
         load_adapter(model, run.ckpt, merge=False)
     else:
-        lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=tuple(cfg.lora_targets))
+        lora = dict(
+            r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=tuple(cfg.lora_targets)
+        )
         add_lora(model, **lora, layers=cfg.lora_layers or None)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     model.train()
@@ -261,7 +301,9 @@ def train(argv: list[str]) -> None:
     fwd = torch.compile(fwd) if cfg.compile else fwd
     autocast = resolve_autocast(cfg.autocast, device)
     amp = (lambda: torch.autocast(device.type, dtype=autocast)) if autocast else contextlib.nullcontext
-    enc = Encoder(model, run.tokenizer, cfg.pooling, cfg.max_seq_length, prompt=cfg.prompt or None, autocast=autocast)
+    enc = Encoder(
+        model, run.tokenizer, cfg.pooling, cfg.max_seq_length, prompt=cfg.prompt or None, autocast=autocast
+    )
     objective = run.objective
     objective.attach(model, enc, amp)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -279,7 +321,14 @@ def train(argv: list[str]) -> None:
     if master and cfg.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=last_step, initial=step, desc=cfg.objective, file=sys.stderr, dynamic_ncols=True, disable=None)
+        bar = tqdm(
+            total=last_step,
+            initial=step,
+            desc=cfg.objective,
+            file=sys.stderr,
+            dynamic_ncols=True,
+            disable=None,
+        )
 
     def log(rec: dict) -> None:
         if master:
@@ -294,9 +343,13 @@ def train(argv: list[str]) -> None:
         return {"step": step, **metrics}
 
     accum = cfg.batch_size // world // cfg.micro_batch_size
-    start = dict(event="start", objective=cfg.objective, world_size=world, train_examples=len(run.data), accum=accum)
+    start = dict(
+        event="start", objective=cfg.objective, world_size=world, train_examples=len(run.data), accum=accum
+    )
     trainable = sum(p.numel() for p in params)
-    print0(json.dumps(start | objective.describe(world) | dict(trainable_params=trainable, device=str(device))))
+    print0(
+        json.dumps(start | objective.describe(world) | dict(trainable_params=trainable, device=str(device)))
+    )
     # Global batches depend on (seed, epoch) only, never on the world size (see micro_batch_positions).
     positions = micro_batch_positions(cfg.batch_size, cfg.micro_batch_size, rank, world)
     steps_per_epoch = len(batches(len(run.data), cfg.batch_size, seed=cfg.seed, groups=run.groups))
@@ -305,12 +358,16 @@ def train(argv: list[str]) -> None:
     while step < last_step:
         epoch, within = divmod(step, steps_per_epoch)
         if within == 0 or epoch_batches is None:
-            epoch_batches = batches(len(run.data), cfg.batch_size, seed=cfg.seed, epoch=epoch, groups=run.groups)
+            epoch_batches = batches(
+                len(run.data), cfg.batch_size, seed=cfg.seed, epoch=epoch, groups=run.groups
+            )
         micro = objective.micro_batches(run.data, epoch_batches[within], positions, step)
         lr = sched.get_last_lr()[0]
         loss_sum += objective.backward(fwd, micro)
         tokens += sum(m.tokens for m in micro)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item() if cfg.grad_clip > 0 else None
+        grad_norm = (
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item() if cfg.grad_clip > 0 else None
+        )
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -320,7 +377,10 @@ def train(argv: list[str]) -> None:
         if step % cfg.log_every == 0 or step == last_step or step == 1:
             s = time.time() - t0
             loss = round(all_sum(loss_sum, device) / world / since, 6)
-            speed = dict(tokens_per_s=round(all_sum(tokens, device) / s, 1), s_per_step=round(s / (step - start_step), 3))
+            speed = dict(
+                tokens_per_s=round(all_sum(tokens, device) / s, 1),
+                s_per_step=round(s / (step - start_step), 3),
+            )
             log(dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm and round(grad_norm, 4)) | speed)
             loss_sum.zero_()
             since = 0
@@ -332,7 +392,9 @@ def train(argv: list[str]) -> None:
         bar.close()
 
     evaluated = cfg.eval_every and step % cfg.eval_every == 0
-    final_metrics = run_eval(final=True) if (run.eval_data is not None or run.sts is not None) and not evaluated else {}
+    final_metrics = (
+        run_eval(final=True) if (run.eval_data is not None or run.sts is not None) and not evaluated else {}
+    )
     if master:
         shutil.rmtree(out / ".tmp-final", ignore_errors=True)
         save_run(model, out / ".tmp-final", cfg)  # final/ via a temporary folder and a rename, as checkpoints
@@ -340,8 +402,12 @@ def train(argv: list[str]) -> None:
         os.replace(out / ".tmp-final", out / "final")
         log({"event": "end", **final_metrics, "step": step, "seconds": round(time.time() - t0, 1)})
         if cfg.merge_out:  # an HF folder with its tokenizer and this run's encoder settings
-            files = [Path(cfg.model) / f for f in TOKENIZER_FILES] + [out / "final" / f for f in SETTINGS_FILES]
-            print0(f"merged model written to {save_model_with(merge_lora(model), cfg.merge_out, files, cfg.weights_dtype)}")
+            files = [Path(cfg.model) / f for f in TOKENIZER_FILES] + [
+                out / "final" / f for f in SETTINGS_FILES
+            ]
+            print0(
+                f"merged model written to {save_model_with(merge_lora(model), cfg.merge_out, files, cfg.weights_dtype)}"
+            )
     if world > 1:
         # DDP's reducer holds the process group. Freed after destroy_process_group (when main returns),
         # it would drop the group's last reference in a destructor that keeps the GIL while joining

@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import torch
-
 from common import matmul_tflops, run_worker, timed, train
 
 

@@ -49,6 +49,7 @@ SHAPES = {"llama3-8b": dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32
 def make_model(folder: Path, shape: dict, tokenizer: Path, device="cpu", max_shard_bytes=None) -> Path:
     """A random-weight bf16 HF folder with the demo tokenizer's files (its ids fit every vocab_size here)."""
     import torch
+
     from l2v.checkpoint import save_model
     from l2v.model import ModelConfig, Transformer
     torch.manual_seed(0)
@@ -253,7 +254,9 @@ def against(other: Path, work: Path, model: Path, data, sizes: dict, threads: in
 def parity(device: str) -> dict:
     """Tiny random model, float32, CPU vs `device`: hidden states of a packed batch, an MNTP loss, LoRA grads."""
     import copy
+
     import torch
+
     from l2v.lora import add_lora, lora_modules, lora_parameters
     from l2v.model import ModelConfig, Transformer
     from l2v.objectives import mntp_loss

@@ -1,5 +1,6 @@
 """What the command lines share: where the demo model and the data live, the one-line error, flag types,
 output-file checks, and the encoder flags of `encode.py` and `eval.py` with building an `Encoder` from them."""
+
 from __future__ import annotations
 
 import argparse
@@ -65,43 +66,89 @@ def check_out_file(path: Path, flag: str, suffix: str) -> None:
 def add_encoder_args(p: argparse.ArgumentParser) -> None:
     """The flags that choose a model, its adapters and the encoding settings (encode.py, eval.py)."""
     from .encoder import CHAT_TEMPLATES, POOLING_MODES
-    p.add_argument("--model", default=str(DEMO_MODEL),
-                   help="HF model folder or hub id (default: the demo model that `make setup` builds)")
-    p.add_argument("--adapter", action="append", default=[],
-                   help="PEFT adapter folder or hub id, merged in the order given (repeatable)")
+
+    p.add_argument(
+        "--model",
+        default=str(DEMO_MODEL),
+        help="HF model folder or hub id (default: the demo model that `make setup` builds)",
+    )
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        help="PEFT adapter folder or hub id, merged in the order given (repeatable)",
+    )
     p.add_argument("--pooling", choices=POOLING_MODES, help="default: the folders' settings, else mean")
-    p.add_argument("--prompt", help="template around each text with one {text} slot (e.g. PromptEOL); '' for "
-                   "none (default: the folders' settings)")
-    p.add_argument("--causal", action=argparse.BooleanOptionalAction,
-                   help="causal attention (default: the folders' settings, else bidirectional)")
+    p.add_argument(
+        "--prompt",
+        help="template around each text with one {text} slot (e.g. PromptEOL); '' for "
+        "none (default: the folders' settings)",
+    )
+    p.add_argument(
+        "--causal",
+        action=argparse.BooleanOptionalAction,
+        help="causal attention (default: the folders' settings, else bidirectional)",
+    )
     p.add_argument("--max-length", type=positive_int, help="token limit of instruction + text (default: 512)")
-    p.add_argument("--chat-template", choices=sorted(CHAT_TEMPLATES) + ["auto"], help="wrap inputs in a chat turn")
+    p.add_argument(
+        "--chat-template", choices=sorted(CHAT_TEMPLATES) + ["auto"], help="wrap inputs in a chat turn"
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype")
-    p.add_argument("--autocast", default="auto", choices=["auto", "bfloat16", "none"],
-                   help="bf16 matmuls over the weights; auto: where bf16 is fast (GPUs, AVX512-BF16/AMX CPUs)")
+    p.add_argument(
+        "--autocast",
+        default="auto",
+        choices=["auto", "bfloat16", "none"],
+        help="bf16 matmuls over the weights; auto: where bf16 is fast (GPUs, AVX512-BF16/AMX CPUs)",
+    )
     p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N")
-    p.add_argument("--max-batch-tokens", type=positive_int,
-                   help="tokens per forward pass; texts are packed (default: 2048 on CPU, 16384 on GPU)")
-    p.add_argument("--check-adapters", action=argparse.BooleanOptionalAction, default=True,
-                   help="refuse adapters given without (or out of the order of) the adapters they were trained on")
+    p.add_argument(
+        "--max-batch-tokens",
+        type=positive_int,
+        help="tokens per forward pass; texts are packed (default: 2048 on CPU, 16384 on GPU)",
+    )
+    p.add_argument(
+        "--check-adapters",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="refuse adapters given without (or out of the order of) the adapters they were trained on",
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
 
 
 def encoder_from_args(args, check_inputs=None):
     """An Encoder from add_encoder_args' flags; every file and `check_inputs` checked before weights load."""
     from .encoder import Encoder
-    return Encoder.from_pretrained(args.model, adapters=args.adapter, is_causal=args.causal, dtype=args.dtype,
-                                   pooling=args.pooling, max_length=args.max_length, prompt=args.prompt,
-                                   chat_template=args.chat_template, device=args.device, autocast=args.autocast,
-                                   check_inputs=check_inputs, check_adapters=args.check_adapters)
+
+    return Encoder.from_pretrained(
+        args.model,
+        adapters=args.adapter,
+        is_causal=args.causal,
+        dtype=args.dtype,
+        pooling=args.pooling,
+        max_length=args.max_length,
+        prompt=args.prompt,
+        chat_template=args.chat_template,
+        device=args.device,
+        autocast=args.autocast,
+        check_inputs=check_inputs,
+        check_adapters=args.check_adapters,
+    )
 
 
 def settings_line(enc) -> str:
     """The settings in force, in one line, and where the ones not given as flags came from."""
     attn = "causal" if enc.model.config.is_causal else "bidirectional"
     dtype = str(next(enc.model.parameters()).dtype).removeprefix("torch.")
-    parts = [f"{attn} attention", f"{enc.pooling} pooling", f"prompt {enc.prompt!r}" if enc.prompt else "no prompt",
-             f"{dtype} weights" + (" + bf16 autocast" if enc.autocast else ""), f"dim {enc.model.config.dim}"]
-    src = f" (from {', '.join(enc.settings_sources)}; flags override)" if enc.settings_sources else \
-        " (upstream's defaults; flags override)"
+    parts = [
+        f"{attn} attention",
+        f"{enc.pooling} pooling",
+        f"prompt {enc.prompt!r}" if enc.prompt else "no prompt",
+        f"{dtype} weights" + (" + bf16 autocast" if enc.autocast else ""),
+        f"dim {enc.model.config.dim}",
+    ]
+    src = (
+        f" (from {', '.join(enc.settings_sources)}; flags override)"
+        if enc.settings_sources
+        else " (upstream's defaults; flags override)"
+    )
     return "settings: " + ", ".join(parts) + src

@@ -1,6 +1,7 @@
 """The training configuration: one table of keys (default, help, check), the objectives' own defaults, and
 `parse_config` (defaults < objective defaults < --config JSON < --key value), which checks every value's
 type, finiteness and range. It reads files (the --config JSON) and writes none."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,8 +16,14 @@ from .encoder import POOLING_MODES
 from .lora import DEFAULT_TARGETS
 from .objectives import OBJECTIVES
 
-CHECKS = {">=0": lambda v: v >= 0, ">0": lambda v: v > 0, ">=1": lambda v: v >= 1, ">=2": lambda v: v >= 2,
-          "in [0, 1)": lambda v: 0 <= v < 1, "in (0, 1)": lambda v: 0 < v < 1}
+CHECKS = {
+    ">=0": lambda v: v >= 0,
+    ">0": lambda v: v > 0,
+    ">=1": lambda v: v >= 1,
+    ">=2": lambda v: v >= 2,
+    "in [0, 1)": lambda v: 0 <= v < 1,
+    "in (0, 1)": lambda v: 0 < v < 1,
+}
 
 
 def opt(default, help: str, check=None):
@@ -29,13 +36,18 @@ def opt(default, help: str, check=None):
 @dataclass
 class TrainConfig:
     objective: str = opt("mntp", "the training objective (one of OBJECTIVES, l2v/objectives.py)")
-    model: str = opt(str(DEMO_MODEL.relative_to(REPO)), "HF model folder (config.json, safetensors, tokenizer.json)")
-    train_file: str = opt("", "MNTP/SimCSE: .txt/.raw (a text per line), .json/.jsonl; supervised: triples; "
-                          "cosent: scored pairs")
+    model: str = opt(
+        str(DEMO_MODEL.relative_to(REPO)), "HF model folder (config.json, safetensors, tokenizer.json)"
+    )
+    train_file: str = opt(
+        "",
+        "MNTP/SimCSE: .txt/.raw (a text per line), .json/.jsonl; supervised: triples; cosent: scored pairs",
+    )
     eval_file: str = opt("", "held-out examples like train_file's: the objective's loss at each evaluation")
     eval_sts_file: str = opt("", "STS-B style dev file: Spearman x100 at each evaluation")
-    output_dir: str = opt("runs/run", "checkpoints, final/, log.jsonl; must hold no earlier run (see resume, "
-                          "overwrite)")
+    output_dir: str = opt(
+        "runs/run", "checkpoints, final/, log.jsonl; must hold no earlier run (see resume, overwrite)"
+    )
     init_adapter: list = opt([], "adapters merged into the base first (e.g. MNTP's, before SimCSE)")
     is_causal: bool = opt(False, "keep causal attention (LLM2Vec trains bidirectional)")
     device: str = opt("auto", "auto (CUDA when available) | cpu | cuda | cuda:N; torchrun: cuda:LOCAL_RANK")
@@ -43,9 +55,12 @@ class TrainConfig:
     stop_after_n_steps: int = opt(0, "stop early, keeping max_steps' schedule (0 = off)", ">=0")
     batch_size: int = opt(32, "global batch: examples per step over ranks and accumulation", ">=1")
     micro_batch_size: int = opt(0, "examples per rank per forward (0 = batch_size / ranks)", ">=0")
-    contrastive_batch: str = opt("global", "contrastive with micro-batches: global = the whole batch are the "
-                                 "negatives (cached gradients); micro = each micro-batch alone (upstream's)",
-                                 ("global", "micro"))
+    contrastive_batch: str = opt(
+        "global",
+        "contrastive with micro-batches: global = the whole batch are the "
+        "negatives (cached gradients); micro = each micro-batch alone (upstream's)",
+        ("global", "micro"),
+    )
     lr: float = opt(5e-5, "peak learning rate (AdamW)", ">0")
     warmup_steps: int = opt(0, "linear warmup steps", ">=0")
     weight_decay: float = opt(0.0, "AdamW weight decay", ">=0")
@@ -55,7 +70,9 @@ class TrainConfig:
     lora_alpha: float = opt(32.0, "LoRA alpha (scaling alpha / r)", ">0")
     lora_dropout: float = opt(0.05, "dropout on the LoRA input", "in [0, 1)")
     lora_targets: list = opt(list(DEFAULT_TARGETS), "LoRA projections")
-    lora_layers: list = opt([], "layer numbers that get LoRA (empty = all); the backward stops below the lowest")
+    lora_layers: list = opt(
+        [], "layer numbers that get LoRA (empty = all); the backward stops below the lowest"
+    )
     max_seq_length: int = opt(512, "MNTP block length; contrastive: tokens per text", ">=2")
     mask_probability: float = opt(0.2, "MNTP: share of tokens masked", "in (0, 1)")
     mask_token: str = opt("blank", "MNTP mask token: '_' (upstream's) or EOS", ("blank", "eos"))
@@ -65,9 +82,14 @@ class TrainConfig:
     prompt: str = opt("", "contrastive: template around each text with one {text} slot (e.g. PromptEOL)")
     instruction: str = opt("", "SimCSE, cosent: instruction before each text (supervised: the triples' own)")
     scale: float = opt(20.0, "contrastive: cosine x scale (20 SimCSE and cosent, 50 supervised)", ">0")
-    weights_dtype: str = opt("float32", "frozen base weights (LoRA weights stay float32)", ("float32", "bfloat16"))
-    autocast: str = opt("auto", "matmul dtype; auto: bf16 where fast (GPUs, AVX512-BF16/AMX CPUs)",
-                        ("auto", "bfloat16", "float16", "none"))
+    weights_dtype: str = opt(
+        "float32", "frozen base weights (LoRA weights stay float32)", ("float32", "bfloat16")
+    )
+    autocast: str = opt(
+        "auto",
+        "matmul dtype; auto: bf16 where fast (GPUs, AVX512-BF16/AMX CPUs)",
+        ("auto", "bfloat16", "float16", "none"),
+    )
     gradient_checkpointing: bool = opt(False, "recompute layers in the backward: less memory, more time")
     compile: bool = opt(False, "torch.compile the model")
     log_every: int = opt(10, "steps between log lines (mean loss since the last one)", ">=1")
@@ -88,9 +110,26 @@ class TrainConfig:
 OPTIONS = {f.name: f.metadata for f in fields(TrainConfig)}
 DEFAULTS = TrainConfig().to_dict()
 # What may differ when resuming; any other change would silently train something else.
-RESUMABLE = {"output_dir", "max_steps", "stop_after_n_steps", "device", "log_every", "eval_every", "eval_batches",
-             "eval_file", "eval_sts_file", "save_every", "keep_checkpoints", "resume", "overwrite", "merge_out",
-             "progress", "compile", "gradient_checkpointing", "resume_other_data"}
+RESUMABLE = {
+    "output_dir",
+    "max_steps",
+    "stop_after_n_steps",
+    "device",
+    "log_every",
+    "eval_every",
+    "eval_batches",
+    "eval_file",
+    "eval_sts_file",
+    "save_every",
+    "keep_checkpoints",
+    "resume",
+    "overwrite",
+    "merge_out",
+    "progress",
+    "compile",
+    "gradient_checkpointing",
+    "resume_other_data",
+}
 LIST_ITEMS = {"init_adapter": str, "lora_targets": str, "lora_layers": int}
 BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
@@ -127,7 +166,11 @@ def check_value(key: str, value, where: str) -> None:
         raise UserError(f"{where}: must be {check}, got {value}")
     if isinstance(value, list):
         item = LIST_ITEMS[key]
-        bad = [v for v in value if not isinstance(v, item) or isinstance(v, bool) or (item is str and not v.strip())]
+        bad = [
+            v
+            for v in value
+            if not isinstance(v, item) or isinstance(v, bool) or (item is str and not v.strip())
+        ]
         if bad:
             raise UserError(f"{where}: every item must be a non-empty {item.__name__}, got {bad[0]!r}")
         if key == "lora_targets" and not value:
@@ -139,8 +182,12 @@ def check_value(key: str, value, where: str) -> None:
 def parse_config(argv: list[str], objectives=OBJECTIVES) -> TrainConfig:
     """defaults < the objective's defaults < --config JSON < --key value; every value checked. With no
     --config and no --train_file, the objective's demo preset (when its data is there)."""
-    p = argparse.ArgumentParser(prog="train.py", description="One training loop for the LLM2Vec stages; any key "
-                                "of a --config JSON can be given as --key value.", formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="train.py",
+        description="One training loop for the LLM2Vec stages; any key "
+        "of a --config JSON can be given as --key value.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.error = lambda message: fail("train.py", f"{message} (see --help)")  # one line, no usage block
     p.add_argument("--config", help="JSON file of the keys below (presets: configs/<objective>/)")
     p.add_argument("--debug", action="store_true", help="tracebacks for errors")
@@ -148,8 +195,11 @@ def parse_config(argv: list[str], objectives=OBJECTIVES) -> TrainConfig:
         check, value = meta["check"], DEFAULTS[key]
         choices = f"; one of {', '.join(check)}" if isinstance(check, tuple) else ""
         choices = f"; one of {', '.join(objectives)}" if key == "objective" else choices
-        p.add_argument(f"--{key}", metavar=type(value).__name__.upper(),
-                       help=f"{meta['help']} (default: {json.dumps(value)}{choices})")
+        p.add_argument(
+            f"--{key}",
+            metavar=type(value).__name__.upper(),
+            help=f"{meta['help']} (default: {json.dumps(value)}{choices})",
+        )
     args = p.parse_args(argv)
     flags = {k: from_string(k, v) for k, v in vars(args).items() if v is not None and k in DEFAULTS}
     config = args.config
@@ -162,8 +212,10 @@ def parse_config(argv: list[str], objectives=OBJECTIVES) -> TrainConfig:
     if set(file_cfg) - set(DEFAULTS):
         raise UserError(f"{config}: unknown config key(s) {sorted(set(file_cfg) - set(DEFAULTS))}")
     if "objective" in flags and "objective" in file_cfg and flags["objective"] != file_cfg["objective"]:
-        raise UserError(f"--objective {flags['objective']}: {config} is a preset for {file_cfg['objective']!r} "
-                        f"(its settings would train {flags['objective']} wrongly); use configs/{flags['objective']}/")
+        raise UserError(
+            f"--objective {flags['objective']}: {config} is a preset for {file_cfg['objective']!r} "
+            f"(its settings would train {flags['objective']} wrongly); use configs/{flags['objective']}/"
+        )
     objective = flags.get("objective", file_cfg.get("objective", DEFAULTS["objective"]))
     if objective not in objectives:
         where = "--objective" if "objective" in flags else f"{config}: objective"
@@ -182,10 +234,16 @@ def pick_demo_preset(objective: str) -> Path:
     """Bare `train.py [--objective X]`: the objective's demo preset on the demo model, when the data it
     reads is there (`../shared/data`); else one line saying what to pass."""
     preset = demo_preset(objective)
-    example = f"python train.py --objective {objective} --train_file YOUR_FILE" + \
-        (f", or its demo preset --config {preset.relative_to(REPO)} (reads ../shared/data)" if preset.is_file() else "")
+    example = f"python train.py --objective {objective} --train_file YOUR_FILE" + (
+        f", or its demo preset --config {preset.relative_to(REPO)} (reads ../shared/data)"
+        if preset.is_file()
+        else ""
+    )
     if not preset.is_file() or not DATA_DIR.is_dir():
         raise UserError(f"--train_file: required (a .txt, .raw, .json or .jsonl file): {example}")
-    print(f"train.py: no --config or --train_file: the demo preset {preset.relative_to(REPO)} "
-          f"(demo model, data from {DATA_DIR})", flush=True)
+    print(
+        f"train.py: no --config or --train_file: the demo preset {preset.relative_to(REPO)} "
+        f"(demo model, data from {DATA_DIR})",
+        flush=True,
+    )
     return preset

@@ -1,4 +1,5 @@
 """Process-group helpers for `torchrun`: every function is a no-op (or the identity) in a plain process."""
+
 from __future__ import annotations
 
 import os

@@ -185,7 +185,7 @@ class Encoder:
         matmuls' only; device and autocast "auto" as the command lines: CUDA and bf16 where available and fast.
         Every file, the adapters' shapes and order (`check_adapters`) and `check_inputs` are checked before
         the weights load."""
-        from .lora import load_adapter, read_adapter  # written separately; only needed here
+        from .adapters import load_adapter, read_adapter  # written separately; only needed here
         adapters = [adapters] if isinstance(adapters, (str, os.PathLike)) else list(adapters)
         found, sources = read_settings(model_dir, *adapters)
         cfg = {**DEFAULTS, **found}

@@ -13,6 +13,7 @@ Readers follow the format notes of the data's README (`../shared/data/README.md`
             Relevance codes 1 (complete answer) .. 4 (minimum interest) are relevant, -1 is not. Graded
             gain = 5 - code (1 -> 4, ..., 4 -> 1), -1 -> 0; `graded=False` gives binary gains instead.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,6 +33,7 @@ DBPEDIA_INSTRUCTION = "Given a query, retrieve relevant entity descriptions from
 CRANFIELD_INSTRUCTION = "Given a scientific question, retrieve relevant aeronautics abstracts:"
 
 # ----------------------------------------------------------------------------- readers
+
 
 def number(value: str, where: str, what: str) -> float:
     try:
@@ -90,16 +92,24 @@ def with_instruction(texts: list[str], instruction: str | None) -> list:
     return [(instruction, t) for t in texts] if instruction else list(texts)
 
 
-def evaluate_sts(encoder, s1: list[str], s2: list[str], gold, instruction: str | None = None,
-                 show_progress: bool = True, **encode_kw) -> float:
+def evaluate_sts(
+    encoder,
+    s1: list[str],
+    s2: list[str],
+    gold,
+    instruction: str | None = None,
+    show_progress: bool = True,
+    **encode_kw,
+) -> float:
     """Spearman x100 between cosine(s1_i, s2_i) and gold. Each distinct sentence is encoded once; the
     instruction (if any) goes on both sides, as STS is symmetric."""
     if not (len(s1) == len(s2) == len(gold)):
         raise ValueError(f"s1, s2, gold lengths differ: {len(s1)}, {len(s2)}, {len(gold)}")
     unique = list(dict.fromkeys(list(s1) + list(s2)))
     index = {s: i for i, s in enumerate(unique)}
-    emb = l2_normalize(encoder.encode(with_instruction(unique, instruction), show_progress=show_progress,
-                                      **encode_kw)).astype(np.float64)
+    emb = l2_normalize(
+        encoder.encode(with_instruction(unique, instruction), show_progress=show_progress, **encode_kw)
+    ).astype(np.float64)
     a, b = emb[[index[s] for s in s1]], emb[[index[s] for s in s2]]  # (n_pairs, D) each
     return spearman((a * b).sum(-1), gold)
 
@@ -120,7 +130,9 @@ def read_sick(path: str | os.PathLike) -> tuple[list[str], list[str], np.ndarray
         if not line.strip():
             continue
         if len(fields) <= max(cols):
-            raise ValueError(f"{path}:{i}: expected >= {max(cols) + 1} tab-separated fields, got {len(fields)}")
+            raise ValueError(
+                f"{path}:{i}: expected >= {max(cols) + 1} tab-separated fields, got {len(fields)}"
+            )
         a, b, score = (fields[c] for c in cols)
         s1.append(a.strip())
         s2.append(b.strip())
@@ -135,8 +147,10 @@ def read_sts_pair_files(input_path, gold_path) -> tuple[list[str], list[str], np
     inputs = list(read_lines(input_path))
     golds = list(read_lines(gold_path))
     if len(inputs) != len(golds):
-        raise ValueError(f"{input_path} has {len(inputs)} lines but {gold_path} has {len(golds)}; "
-                         "they must align line by line")
+        raise ValueError(
+            f"{input_path} has {len(inputs)} lines but {gold_path} has {len(golds)}; "
+            "they must align line by line"
+        )
     s1, s2, gold = [], [], []
     for (i, line), (_, g) in zip(inputs, golds):
         if not g.strip():  # unscored pair (the official gold leaves the line blank)
@@ -186,8 +200,9 @@ def read_qrels_tsv(path) -> dict[str, dict[str, int]]:
             continue
         fields = line.split("\t")
         if len(fields) != 3:
-            raise ValueError(f"{path}:{i}: expected 3 tab-separated fields (query-id, corpus-id, score), "
-                             f"got {len(fields)}")
+            raise ValueError(
+                f"{path}:{i}: expected 3 tab-separated fields (query-id, corpus-id, score), got {len(fields)}"
+            )
         qid, did, score = (f.strip() for f in fields)
         try:
             rel = int(score)
@@ -268,12 +283,15 @@ def read_cranfield(folder: str | os.PathLike, graded: bool = True):
         except ValueError:
             raise ValueError(f"{path}:{i}: expected 3 integers 'query doc code', got {line!r}") from None
         if str(qnum) not in queries:
-            raise ValueError(f"{path}:{i}: query number {qnum} outside 1..{len(queries)} (cran.qry positions)")
+            raise ValueError(
+                f"{path}:{i}: query number {qnum} outside 1..{len(queries)} (cran.qry positions)"
+            )
         try:
             qrels.setdefault(str(qnum), {})[str(did)] = cranfield_gain(code, graded)
         except ValueError as e:
             raise ValueError(f"{path}:{i}: {e}") from None
     return corpus, queries, qrels
+
 
 @dataclass(frozen=True)
 class Task:
@@ -292,12 +310,19 @@ TASKS: dict[str, Task] = {
     "sick-r-trial": Task("sts", lambda root: read_sick(root / "sick" / "SICK_trial.txt")),
     "sick-r-test": Task("sts", lambda root: read_sick(root / "sick" / "SICK_test_annotated.txt")),
     **{f"sts{y}": _sts_year(y) for y in (12, 13, 14, 15, 16)},
-    "cranfield": Task("retrieval", lambda root: read_cranfield(root / "retrieval" / "cranfield"),
-                      CRANFIELD_INSTRUCTION),
-    "msmarco-subset": Task("retrieval", lambda root: read_beir(root / "retrieval" / "agentset_msmarco_subset"),
-                           WEB_QUERY_INSTRUCTION),
-    "dbpedia-subset": Task("retrieval", lambda root: read_beir(root / "retrieval" / "agentset_dbpedia_subset"),
-                           DBPEDIA_INSTRUCTION),
+    "cranfield": Task(
+        "retrieval", lambda root: read_cranfield(root / "retrieval" / "cranfield"), CRANFIELD_INSTRUCTION
+    ),
+    "msmarco-subset": Task(
+        "retrieval",
+        lambda root: read_beir(root / "retrieval" / "agentset_msmarco_subset"),
+        WEB_QUERY_INSTRUCTION,
+    ),
+    "dbpedia-subset": Task(
+        "retrieval",
+        lambda root: read_beir(root / "retrieval" / "agentset_dbpedia_subset"),
+        DBPEDIA_INSTRUCTION,
+    ),
 }
 
 GROUPS: dict[str, list[str]] = {
@@ -308,29 +333,40 @@ GROUPS: dict[str, list[str]] = {
 
 
 def resolve_tasks(spec: str) -> list[str]:
-    """"sts,cranfield" -> task names, groups expanded, duplicates removed, order kept."""
+    """ "sts,cranfield" -> task names, groups expanded, duplicates removed, order kept."""
     names = []
     for item in (s.strip() for s in spec.split(",")):
         if item not in TASKS and item not in GROUPS:
-            raise ValueError(f"--tasks: unknown task {item!r}; tasks: {', '.join(TASKS)}; groups: {', '.join(GROUPS)}")
+            raise ValueError(
+                f"--tasks: unknown task {item!r}; tasks: {', '.join(TASKS)}; groups: {', '.join(GROUPS)}"
+            )
         names += GROUPS.get(item, [item])
     return list(dict.fromkeys(names))
 
 
-def run_task(encoder, name: str, data, sts_instruction: str | None = STS_INSTRUCTION,
-             show_progress: bool = True, **encode_kw) -> dict:
+def run_task(
+    encoder,
+    name: str,
+    data,
+    sts_instruction: str | None = STS_INSTRUCTION,
+    show_progress: bool = True,
+    **encode_kw,
+) -> dict:
     """Score one registered task on its data (`TASKS[name].load(data_dir)`) ->
     {"task", "kind", "n", "seconds", "scores": {metric: value}}."""
     task = TASKS[name]
     t0 = time.perf_counter()
     if task.kind == "sts":
         s1, s2, gold = data
-        scores = {"spearman": evaluate_sts(encoder, s1, s2, gold, sts_instruction, show_progress, **encode_kw)}
+        scores = {
+            "spearman": evaluate_sts(encoder, s1, s2, gold, sts_instruction, show_progress, **encode_kw)
+        }
         n = len(gold)
     else:
         corpus, queries, qrels = data
-        scores = evaluate_retrieval(encoder, corpus, queries, qrels, task.instruction,
-                                    show_progress=show_progress, **encode_kw)
+        scores = evaluate_retrieval(
+            encoder, corpus, queries, qrels, task.instruction, show_progress=show_progress, **encode_kw
+        )
         n = scores.pop("n")
     return {"task": name, "kind": task.kind, "n": n, "seconds": time.perf_counter() - t0, "scores": scores}
 
@@ -339,6 +375,7 @@ def run_task(encoder, name: str, data, sts_instruction: str | None = STS_INSTRUC
 # BEIR's conventions (pytrec_eval): nDCG gain = relevance grade with a log2(rank + 1) discount, ideal
 # DCG from all judged documents; recall counts documents with grade > 0; queries with no relevant
 # document are skipped.
+
 
 def ndcg_at_k(ranking, qrel: dict[str, int], k: int = 10) -> float:
     """nDCG@k in [0, 1]: gain = relevance grade, discount log2(rank + 1); ideal from all judged docs."""
@@ -362,11 +399,11 @@ def top_k(queries: np.ndarray, docs: np.ndarray, k: int, chunk: int = 8192) -> n
     k = min(k, d.shape[0])
     out = []
     for qs in range(0, q.shape[0], chunk):
-        qc = q[qs:qs + chunk]
+        qc = q[qs : qs + chunk]
         best_s = qc.new_empty((qc.shape[0], 0))
         best_i = torch.empty((qc.shape[0], 0), dtype=torch.long)
         for ds in range(0, d.shape[0], chunk):
-            s = qc @ d[ds:ds + chunk].T  # (q_chunk, d_chunk)
+            s = qc @ d[ds : ds + chunk].T  # (q_chunk, d_chunk)
             s, i = s.topk(min(k, s.shape[1]), dim=1)
             # merge this chunk's candidates with the running best and keep k
             best_s, best_i = torch.cat([best_s, s], 1), torch.cat([best_i, i + ds], 1)
@@ -376,27 +413,44 @@ def top_k(queries: np.ndarray, docs: np.ndarray, k: int, chunk: int = 8192) -> n
     return torch.cat(out).numpy()
 
 
-def evaluate_retrieval(encoder, corpus: dict[str, str], queries: dict[str, str], qrels: dict[str, dict[str, int]],
-                       query_instruction: str | None = None, ndcg_k: int = 10,
-                       recall_k: int = 100, show_progress: bool = True, **encode_kw) -> dict:
+def evaluate_retrieval(
+    encoder,
+    corpus: dict[str, str],
+    queries: dict[str, str],
+    qrels: dict[str, dict[str, int]],
+    query_instruction: str | None = None,
+    ndcg_k: int = 10,
+    recall_k: int = 100,
+    show_progress: bool = True,
+    **encode_kw,
+) -> dict:
     """Dense retrieval over the whole corpus: queries carry the instruction, documents don't; exact
     cosine search. Returns {"ndcg@10": x100, "recall@100": x100, "n": queries scored}."""
     qids = [q for q in queries if any(g > 0 for g in qrels.get(q, {}).values())]
     if not qids:
         raise ValueError("no query has a relevant document in qrels")
     dids = list(corpus)
-    q_emb = l2_normalize(encoder.encode(with_instruction([queries[q] for q in qids], query_instruction),
-                                        show_progress=show_progress, **encode_kw))
+    q_emb = l2_normalize(
+        encoder.encode(
+            with_instruction([queries[q] for q in qids], query_instruction),
+            show_progress=show_progress,
+            **encode_kw,
+        )
+    )
     # an empty document has no tokens to pool: give it a zero vector (score 0) instead of encoding it
     nonempty = [i for i, d in enumerate(dids) if corpus[d].strip()]
     d_emb = np.zeros((len(dids), q_emb.shape[1]), dtype=np.float32)
-    d_emb[nonempty] = l2_normalize(encoder.encode([corpus[dids[i]] for i in nonempty],
-                                                  show_progress=show_progress, **encode_kw))
+    d_emb[nonempty] = l2_normalize(
+        encoder.encode([corpus[dids[i]] for i in nonempty], show_progress=show_progress, **encode_kw)
+    )
     top = top_k(q_emb, d_emb, max(ndcg_k, recall_k))
     ndcg, recall = [], []
     for qid, row in zip(qids, top):
         ranking = [dids[i] for i in row]
         ndcg.append(ndcg_at_k(ranking, qrels[qid], ndcg_k))
         recall.append(recall_at_k(ranking, qrels[qid], recall_k))
-    return {f"ndcg@{ndcg_k}": 100.0 * float(np.mean(ndcg)), f"recall@{recall_k}": 100.0 * float(np.mean(recall)),
-            "n": len(qids)}
+    return {
+        f"ndcg@{ndcg_k}": 100.0 * float(np.mean(ndcg)),
+        f"recall@{recall_k}": 100.0 * float(np.mean(recall)),
+        "n": len(qids),
+    }

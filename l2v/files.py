@@ -1,6 +1,7 @@
 """Writing files so that nothing a user had is lost: every file goes to a temporary name in its own folder
 and is renamed into place only once complete, so a crash, a kill or a full disk leaves the earlier file
 intact; a full disk is one error naming the file."""
+
 from __future__ import annotations
 
 import errno
@@ -20,8 +21,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         os.replace(tmp, path)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OSError(e.errno, f"{path}: no space left on the device (the earlier file, if any, is intact)") \
-                from None
+            raise OSError(
+                e.errno, f"{path}: no space left on the device (the earlier file, if any, is intact)"
+            ) from None
         raise
     finally:
         if tmp.exists():
@@ -45,6 +47,7 @@ def save_npy(path: str | os.PathLike, array) -> Path:
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             np.save(f, array)
+
     return atomic_write(path, write)
 
 

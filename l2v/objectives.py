@@ -13,6 +13,7 @@ kept although attention is bidirectional). Contrastive: cosine x scale (20 SimCS
 cross-entropy with the positive on the diagonal, every other gathered document (and hard negative) a
 negative. CoSENT (not in llm2vec): graded pairs, for a last supervised stage on similarity scores.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,8 +33,12 @@ def num_targets(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != -100).sum()
 
 
-def mntp_loss(hidden: torch.Tensor, labels: torch.Tensor, head_weight: torch.Tensor,
-              normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
+def mntp_loss(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    head_weight: torch.Tensor,
+    normalizer: float | torch.Tensor | None = None,
+) -> torch.Tensor:
     """Masked next-token prediction: sum of float32 cross-entropies / normalizer. hidden (B, T, D),
     labels (B, T) = the original id where masked, else -100; head_weight (V, D). The head runs only on
     the ~20% of positions that predict a masked token (full logits would outweigh the rest of the step).
@@ -48,8 +53,9 @@ def mntp_loss(hidden: torch.Tensor, labels: torch.Tensor, head_weight: torch.Ten
     return loss / normalizer
 
 
-def contrastive_loss(q: torch.Tensor, d: torch.Tensor, hard_negatives: torch.Tensor | None = None,
-                     scale: float = 20.0) -> torch.Tensor:
+def contrastive_loss(
+    q: torch.Tensor, d: torch.Tensor, hard_negatives: torch.Tensor | None = None, scale: float = 20.0
+) -> torch.Tensor:
     """InfoNCE over cosine similarities. q, d (B, D): d[i] is the positive of q[i]; hard_negatives (H, D).
 
     Candidates for every query: all of d, then all hard negatives; target of q[i] is candidate i.
@@ -83,8 +89,11 @@ class MicroBatch(NamedTuple):
 
 def sync_unless(forward, last: bool):
     """DDP's all-reduce on the last micro-batch of a step only (`no_sync` before it)."""
-    return forward.no_sync() if not last and is_distributed() and hasattr(forward, "no_sync") \
+    return (
+        forward.no_sync()
+        if not last and is_distributed() and hasattr(forward, "no_sync")
         else contextlib.nullcontext()
+    )
 
 
 class Objective:
@@ -114,7 +123,9 @@ class Objective:
     def read(self, path) -> list:
         raise NotImplementedError
 
-    def micro_batches(self, examples, batch: list[int], positions: list[list[int]], step: int) -> list[MicroBatch]:
+    def micro_batches(
+        self, examples, batch: list[int], positions: list[list[int]], step: int
+    ) -> list[MicroBatch]:
         """This rank's micro-batches of one global batch: `batch` = indices into `examples`, `positions` =
         positions in `batch` per micro-batch (`data.micro_batch_positions`)."""
         raise NotImplementedError
@@ -159,10 +170,18 @@ class MNTP(Objective):
         """Mask the whole global batch with a generator seeded by (seed, step), then take this rank's rows:
         any world size or accumulation split sees the masks one process would, and resume is exact."""
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
-        ids, labels = mask_tokens(examples[batch], mask_id=self.mask_id, special_ids=self.tokenizer.special_ids,
-                                  vocab_size=self.tokenizer.vocab_size, probability=self.cfg.mask_probability,
-                                  mode=self.cfg.mask_mode, generator=g)
-        return [MicroBatch((ids[p], labels[p]), int(num_targets(labels[p])), ids[p].numel()) for p in positions]
+        ids, labels = mask_tokens(
+            examples[batch],
+            mask_id=self.mask_id,
+            special_ids=self.tokenizer.special_ids,
+            vocab_size=self.tokenizer.vocab_size,
+            probability=self.cfg.mask_probability,
+            mode=self.cfg.mask_mode,
+            generator=g,
+        )
+        return [
+            MicroBatch((ids[p], labels[p]), int(num_targets(labels[p])), ids[p].numel()) for p in positions
+        ]
 
     def loss(self, forward, inputs, gather):
         ids, labels = (t.to(self.device) for t in inputs)
@@ -210,19 +229,25 @@ class Contrastive(Objective):
 
     def contrastive_size(self, world: int) -> int:
         accumulating = self.cfg.batch_size > self.cfg.micro_batch_size * world
-        return self.cfg.micro_batch_size * world if accumulating and self.cfg.contrastive_batch == "micro" \
+        return (
+            self.cfg.micro_batch_size * world
+            if accumulating and self.cfg.contrastive_batch == "micro"
             else self.cfg.batch_size
+        )
 
     def describe(self, world):
         n = self.contrastive_size(world)
-        return {"contrastive_batch": self.cfg.contrastive_batch, "contrastive_examples": n,
-                "negatives_per_example": n * (self.views - 1) - 1}
+        return {
+            "contrastive_batch": self.cfg.contrastive_batch,
+            "contrastive_examples": n,
+            "negatives_per_example": n * (self.views - 1) - 1,
+        }
 
     def micro_batches(self, examples, batch, positions, step):
         out = []
         for pos in positions:
             rows = [examples[batch[p]] for p in pos]
-            packed, = self.encoder.batches(self.prepare(rows))
+            (packed,) = self.encoder.batches(self.prepare(rows))
             out.append(MicroBatch((packed, self.targets(rows)), 1, int((packed.segments > 0).sum())))
         return out
 
@@ -288,8 +313,11 @@ class Supervised(Contrastive):
         return read_examples(path)
 
     def texts(self, rows):
-        return [(r["instruction"], r["query"]) for r in rows] + [r["positive"] for r in rows] + \
-            [r["negative"] for r in rows]
+        return (
+            [(r["instruction"], r["query"]) for r in rows]
+            + [r["positive"] for r in rows]
+            + [r["negative"] for r in rows]
+        )
 
     def view_loss(self, views, targets):
         return contrastive_loss(*views, scale=self.cfg.scale)
@@ -314,4 +342,9 @@ class CoSENT(Contrastive):
         return cosent_loss(*views, targets, scale=self.cfg.scale)
 
 
-OBJECTIVES: dict[str, type[Objective]] = {"mntp": MNTP, "simcse": SimCSE, "supervised": Supervised, "cosent": CoSENT}
+OBJECTIVES: dict[str, type[Objective]] = {
+    "mntp": MNTP,
+    "simcse": SimCSE,
+    "supervised": Supervised,
+    "cosent": CoSENT,
+}

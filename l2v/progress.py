@@ -1,5 +1,6 @@
 """Progress for long work: a tqdm bar in a terminal; elsewhere (a log file, a pipe, a batch job) one line
 every `every_s` seconds, so that a job's log shows it is alive, and nothing at all for short work."""
+
 from __future__ import annotations
 
 import sys
@@ -7,14 +8,21 @@ import time
 from typing import Iterable, Iterator
 
 
-def progress(items: Iterable, total: int | None = None, desc: str = "", unit: str = "it",
-             every_s: float = 30.0, enabled: bool = True) -> Iterator:
+def progress(
+    items: Iterable,
+    total: int | None = None,
+    desc: str = "",
+    unit: str = "it",
+    every_s: float = 30.0,
+    enabled: bool = True,
+) -> Iterator:
     if not enabled:
         yield from items
         return
     total = total if total is not None else (len(items) if hasattr(items, "__len__") else None)
     if sys.stderr.isatty():
         from tqdm import tqdm
+
         yield from tqdm(items, total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
         return
     t0 = last = time.monotonic()

@@ -9,6 +9,7 @@
   folder has no encoder_config.json.
 Later folders win: base model < first adapter < ... < last adapter < the caller's arguments.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,14 @@ from .files import sha256_file, write_json
 UPSTREAM_FILE, L2V_FILE, TRAIN_FILE = "llm2vec_config.json", "encoder_config.json", "train_config.json"
 SETTINGS_FILES = (UPSTREAM_FILE, L2V_FILE, TRAIN_FILE)
 # Upstream's defaults (bidirectional, mean pooling), for a folder that says nothing.
-DEFAULTS = {"pooling_mode": "mean", "max_length": 512, "doc_max_length": 400, "skip_instruction": True,
-            "is_causal": False, "prompt": None}
+DEFAULTS = {
+    "pooling_mode": "mean",
+    "max_length": 512,
+    "doc_max_length": 400,
+    "skip_instruction": True,
+    "is_causal": False,
+    "prompt": None,
+}
 UPSTREAM_KEYS = {"pooling_mode": str, "max_length": int, "doc_max_length": int, "skip_instruction": bool}
 L2V_KEYS = {"is_causal": bool, "prompt": (str, type(None))}
 
@@ -31,13 +38,25 @@ def adapter_sha256(folder: str | os.PathLike) -> str:
     return sha256_file(Path(folder) / "adapter_model.safetensors")
 
 
-def write_settings(folder: str | os.PathLike, *, pooling_mode: str, is_causal: bool, prompt: str | None,
-                   max_length: int = DEFAULTS["max_length"], doc_max_length: int = DEFAULTS["doc_max_length"],
-                   skip_instruction: bool = True, trained_on: list | None = None) -> None:
+def write_settings(
+    folder: str | os.PathLike,
+    *,
+    pooling_mode: str,
+    is_causal: bool,
+    prompt: str | None,
+    max_length: int = DEFAULTS["max_length"],
+    doc_max_length: int = DEFAULTS["doc_max_length"],
+    skip_instruction: bool = True,
+    trained_on: list | None = None,
+) -> None:
     """Both files into `folder`. trained_on: the adapter folders merged before this one was trained."""
     folder = Path(folder)
-    upstream = {"pooling_mode": pooling_mode, "max_length": max_length, "doc_max_length": doc_max_length,
-                "skip_instruction": skip_instruction}
+    upstream = {
+        "pooling_mode": pooling_mode,
+        "max_length": max_length,
+        "doc_max_length": doc_max_length,
+        "skip_instruction": skip_instruction,
+    }
     ours = {"is_causal": is_causal, "prompt": prompt or None}
     if trained_on is not None:
         ours["trained_on"] = [{"path": str(a), "sha256": adapter_sha256(a)} for a in trained_on]
@@ -65,7 +84,10 @@ def read_settings(*folders) -> tuple[dict, list[str]]:
     for folder in folders:
         folder = Path(folder)
         ours = folder / L2V_FILE
-        files = [(folder / UPSTREAM_FILE, UPSTREAM_KEYS), (ours if ours.is_file() else folder / TRAIN_FILE, L2V_KEYS)]
+        files = [
+            (folder / UPSTREAM_FILE, UPSTREAM_KEYS),
+            (ours if ours.is_file() else folder / TRAIN_FILE, L2V_KEYS),
+        ]
         for path, keys in files:
             if path.is_file():
                 found = _checked(path, keys)
@@ -85,8 +107,13 @@ def check_chain(adapters: list) -> None:
         if isinstance(recorded, list):
             want = [r.get("sha256") if isinstance(r, dict) else None for r in recorded]
             if want != shas[:k]:
-                names = ", ".join(str(r.get("path")) if isinstance(r, dict) else "?" for r in recorded) or "the base alone"
+                names = (
+                    ", ".join(str(r.get("path")) if isinstance(r, dict) else "?" for r in recorded)
+                    or "the base alone"
+                )
                 given = ", ".join(map(str, adapters[:k])) or "nothing"
-                raise ValueError(f"{folder}: trained on top of [{names}] ({path}), but given after [{given}]; "
-                                 "pass the adapters in the order they were trained (or skip this check)")
+                raise ValueError(
+                    f"{folder}: trained on top of [{names}] ({path}), but given after [{given}]; "
+                    "pass the adapters in the order they were trained (or skip this check)"
+                )
         shas.append(adapter_sha256(folder))

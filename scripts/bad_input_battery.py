@@ -217,6 +217,7 @@ class Fixtures:
         sys.path.insert(0, str(self.repo))
         sys.dont_write_bytecode = True  # leave no __pycache__ in the checkout under test
         import torch
+
         from l2v.checkpoint import save_model
         from l2v.model import ModelConfig, Transformer
         cfg = ModelConfig(vocab_size=49152, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from l2v.lora import add_lora  # noqa: E402
+from l2v.lora import add_lora
 from l2v.model import ModelConfig, Transformer  # noqa: E402
 
 

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import DEMO_MODEL, REF_TOKENIZER, ROOT, TOKENIZER_FILES
 
 sys.path.insert(0, str(ROOT / "bench"))

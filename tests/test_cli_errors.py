@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DATA, save_tiny, tiny_model
 from safetensors.torch import load_file, save_file
 
 import encode
 import eval as eval_cli
 import train
-from conftest import DATA, save_tiny, tiny_model
-from l2v.lora import add_lora, save_adapter
+from l2v.adapters import save_adapter
+from l2v.lora import add_lora
 
 UNWRITABLE = "/proc/l2v-test/out"  # root may write anywhere else, but never under /proc
 

@@ -14,7 +14,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import DEMO_MODEL, REF_TOKENIZER, ROOT, TOKENIZER_FILES, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -3,9 +3,18 @@ import json
 
 import pytest
 import torch
-
 from conftest import DATA, REFERENCE
-from l2v.data import PAIR_FIELDS, batches, mask_token_id, mask_tokens, micro_batch_positions, mntp_blocks, read_examples, read_texts
+
+from l2v.data import (
+    PAIR_FIELDS,
+    batches,
+    mask_token_id,
+    mask_tokens,
+    micro_batch_positions,
+    mntp_blocks,
+    read_examples,
+    read_texts,
+)
 
 TOKENIZER_DIR = REFERENCE / "smollm2-135m-instruct"
 

@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import ORACLE, save_tiny, tiny_model
+
 from l2v.encoder import Encoder, pack, pool, pool_weights, shorten_by_words
 from l2v.settings import UPSTREAM_FILE as CONFIG_FILE
 
@@ -262,7 +262,8 @@ def test_from_pretrained_takes_prompt_and_attention_from_the_adapters_run(tmp_pa
     """An adapter trained through a prompt with causal attention encodes through them unless told
     otherwise: upstream's llm2vec_config.json cannot hold either, train.py's train_config.json does."""
     import encode
-    from l2v.lora import add_lora, save_adapter
+    from l2v.adapters import save_adapter
+    from l2v.lora import add_lora
     model = tiny_model()
     add_lora(model, r=2, alpha=4.0, dropout=0.0)
     for p in model.parameters():  # a trained adapter: B is no longer zero

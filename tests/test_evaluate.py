@@ -6,12 +6,12 @@ import types
 import zlib
 
 import numpy as np
-import torch
 import pytest
+import torch
+from conftest import DATA
 
 import eval as eval_cli
 from l2v import evaluation as harness
-from conftest import DATA
 
 
 class HashEncoder:

@@ -10,9 +10,9 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
+from l2v.adapters import load_adapter, lora_state_dict, save_adapter
 from l2v.checkpoint import load_model  # noqa: E402
-from l2v.lora import (LoRALinear, add_lora, load_adapter, lora_modules, lora_parameters,  # noqa: E402
-                      lora_state_dict, merge_lora, save_adapter)
+from l2v.lora import LoRALinear, add_lora, lora_modules, lora_parameters, merge_lora
 
 TOL = 1e-4
 CFG = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

@@ -13,9 +13,9 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import ORACLE
 from safetensors.numpy import load_file
 
-from conftest import ORACLE
 from l2v.checkpoint import load_model
 from l2v.encoder import Encoder
 from l2v.tokenizer import Tokenizer
@@ -120,7 +120,7 @@ def test_layer_outputs_causal(model, oracle_dir):
 
 @pytest.mark.parametrize("merge", [True, False], ids=["merged", "unmerged"])
 def test_peft_adapter(demo_model_dir, tok, inputs, oracle_dir, merge):
-    from l2v.lora import load_adapter
+    from l2v.adapters import load_adapter
 
     model = load_model(demo_model_dir, is_causal=False)
     load_adapter(model, oracle_dir / "peft_adapter", merge=merge)

@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
+
 from l2v.config import DEFAULTS, parse_config
 
 spec_ = importlib.util.spec_from_file_location("sweep", ROOT / "scripts" / "sweep.py")

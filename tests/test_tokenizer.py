@@ -3,8 +3,8 @@ import json
 import shutil
 
 import pytest
-
 from conftest import DEMO_MODEL, ORACLE, REFERENCE
+
 from l2v.tokenizer import Tokenizer
 
 REF_TOKENIZER = REFERENCE / "smollm2-135m-instruct"

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 import torch
+from conftest import DATA, ROOT
 from safetensors.torch import load_file
 
 import train
-from conftest import DATA, ROOT
 from l2v.checkpoint import load_model
 from l2v.config import parse_config
 from l2v.encoder import Encoder
@@ -120,7 +120,7 @@ def test_supervised_objective_and_merge_out(tiny_dir, text_files, tmp_path):
     for name in ("llm2vec_config.json", "train_config.json"):  # the encoding settings travel with it
         assert (tmp_path / "merged" / name).read_text() == (out / "final" / name).read_text()
     # The merged folder equals base + adapter applied by l2v's loader.
-    from l2v.lora import load_adapter
+    from l2v.adapters import load_adapter
     base = load_model(tiny_dir)
     load_adapter(base, out / "final", merge=True)
     ids = torch.randint(20, 1000, (1, 9))
@@ -190,6 +190,7 @@ def test_swiglu_keeps_gate_and_up_only():
     activation of intermediate size less per layer); output and gradients are the plain expression's."""
     import torch.nn.functional as F
     from conftest import tiny_model
+
     from l2v.lora import add_lora, lora_parameters
     model = tiny_model()
     add_lora(model, r=4, alpha=8, dropout=0.0)
@@ -222,8 +223,9 @@ def test_gradient_checkpointing_replays_dropout_and_keeps_gradients(monkeypatch)
     """--gradient_checkpointing (the batch-256 supervised row trains with it): each layer is recomputed in
     the backward under the forward's RNG state, so with attention and LoRA dropout on, packed rows and
     LoRA on the upper layer only, the loss and every LoRA gradient equal those of the plain run."""
-    import l2v.model
     from conftest import tiny_model
+
+    import l2v.model
     from l2v.lora import add_lora, lora_parameters
     calls, real = [], l2v.model.checkpoint
     monkeypatch.setattr(l2v.model, "checkpoint",  # count whole layers (SwiGLU recomputes itself anyway)

@@ -1,7 +1,7 @@
 """One training loop for the LLM2Vec stages: MNTP, unsupervised SimCSE, supervised contrastive, and CoSENT
 on graded pairs (a last supervised stage on similarity scores; not in llm2vec).
 
-    python train.py                                  # the MNTP demo preset on the demo model (needs ../shared)
+    python train.py                               # the MNTP demo preset on the demo model (needs ../shared)
     torchrun --nproc_per_node 2 train.py --objective mntp --config configs/mntp/smollm2-135m.json
     python train.py --config configs/simcse/smollm2-135m.json --init_adapter runs/mntp-smollm2/final
     python train.py --model DIR --train_file wiki.txt --max_steps 10 --lr 1e-4  # any key: --key value
@@ -26,17 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from l2v.adapters import load_adapter, read_adapter, save_adapter
-from l2v.checkpoint import (
-    TOKENIZER_FILES,
-    load_config,
-    load_model,
-    meta_model,
-    read_json,
-    resolve_autocast,
-    save_model_with,
-)
+from l2v.adapters import load_adapter, read_adapter, save_adapter, save_merged
+from l2v.checkpoint import load_config, load_model, meta_model, read_json, resolve_autocast
 from l2v.cli import USER_ERRORS, UserError, fail
 from l2v.config import DEFAULTS, RESUMABLE, TrainConfig, parse_config
 from l2v.data import batches, micro_batch_positions
@@ -44,9 +37,9 @@ from l2v.distributed import all_sum, barrier, init_distributed
 from l2v.encoder import Encoder
 from l2v.evaluation import evaluate_sts, read_stsb
 from l2v.files import sha256_file, write_json, write_text
-from l2v.lora import add_lora, merge_lora
+from l2v.lora import add_lora
 from l2v.objectives import OBJECTIVES, Objective
-from l2v.settings import SETTINGS_FILES, write_settings
+from l2v.settings import write_settings
 from l2v.tokenizer import Tokenizer
 
 RUN_FILES = ("final", "log.jsonl", "train_config.json")  # and checkpoint-*, .tmp-*: what --overwrite deletes
@@ -71,19 +64,13 @@ class Run:
 def check_run(cfg: TrainConfig, world: int) -> Run:
     """Read or check every file the run needs before the model loads; nothing is written."""
     mb, out = cfg.micro_batch_size, Path(cfg.output_dir)
-    if cfg.batch_size % (world * mb):
-        raise UserError(
-            f"--batch_size {cfg.batch_size}: must split over {world} rank(s) x micro_batch_size {mb}"
-        )
-    if cfg.eval_every and not (cfg.eval_file or cfg.eval_sts_file):
-        raise UserError("--eval_every: needs --eval_file or --eval_sts_file")
     model_cfg, tok = load_config(cfg.model), Tokenizer(cfg.model)
     objective = OBJECTIVES[cfg.objective](cfg, tok)
     data = objective.read(cfg.train_file)
     groups = [r.get(objective.group_field, "") for r in data] if objective.group_field else None
     if not batches(len(data), cfg.batch_size, seed=0, groups=groups):
         raise UserError(
-            f"{cfg.train_file}: {len(data)} examples, not one batch of {cfg.batch_size} (per group)"
+            f"{cfg.train_file}: {len(data)} examples, not one batch of {cfg.batch_size} (by group)"
         )
     eval_data = objective.read(cfg.eval_file) if cfg.eval_file else None
     if eval_data is not None and len(eval_data) < mb:
@@ -93,20 +80,18 @@ def check_run(cfg: TrainConfig, world: int) -> Run:
     for folder in cfg.init_adapter:
         read_adapter(folder, meta)
     try:
-        with torch.device("meta"):
-            add_lora(
-                meta_model(model_cfg), r=cfg.lora_r, targets=cfg.lora_targets, layers=cfg.lora_layers or None
-            )
+        add_lora(
+            meta_model(model_cfg), r=cfg.lora_r, targets=cfg.lora_targets, layers=cfg.lora_layers or None
+        )
     except ValueError as e:
         raise UserError(f"--lora_targets / --lora_layers: {e}") from None
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir {out}: exists and is not a folder")
     present = sorted(p for p in out.iterdir() if p.name != ".lock") if out.is_dir() else []
     earlier = [p for p in present if p.name.startswith(("checkpoint-", ".tmp-")) or p.name in RUN_FILES]
+    ours = [p.resolve() for p in [*earlier, out / "final"]]  # what this run rewrites
     for flag, folder in [("--init_adapter", f) for f in cfg.init_adapter] + [("--merge_out", cfg.merge_out)]:
-        if folder and any(
-            Path(folder).resolve().is_relative_to(p.resolve()) for p in [*earlier, out / "final"]
-        ):
+        if folder and any(Path(folder).resolve().is_relative_to(p) for p in ours):
             raise UserError(f"{flag} {folder}: inside this run's own files in {out} (they are rewritten)")
     if cfg.merge_out and Path(cfg.merge_out).exists() and any(Path(cfg.merge_out).iterdir()):
         raise UserError(f"--merge_out {cfg.merge_out}: exists and is not empty")
@@ -115,14 +100,13 @@ def check_run(cfg: TrainConfig, world: int) -> Run:
         ckpt = resumable_checkpoint(cfg, out, meta, data_sha256)
     elif present and not cfg.overwrite:
         names = ", ".join(p.name for p in present[:3]) + ", ..." * (len(present) > 3)
+        what = "holds an earlier run" if earlier else "is not empty"
         raise UserError(
-            f"--output_dir {out}: {'holds an earlier run' if earlier else 'is not empty'} ({names}); pass "
-            "--resume true to continue a run or --overwrite true (deletes only a run's files)"
+            f"--output_dir {out}: {what} ({names}); pass --resume true to continue a run or "
+            "--overwrite true (deletes only a run's files)"
         )
-    earlier = earlier if cfg.overwrite else []
-    return Run(
-        objective, tok, data, groups, eval_data, sts, ckpt, data_sha256, [p.name for p in present], earlier
-    )
+    earlier, present = earlier if cfg.overwrite else [], [p.name for p in present]
+    return Run(objective, tok, data, groups, eval_data, sts, ckpt, data_sha256, present, earlier)
 
 
 def resumable_checkpoint(cfg: TrainConfig, out: Path, meta, data_sha256: str) -> Path:
@@ -139,25 +123,20 @@ def resumable_checkpoint(cfg: TrainConfig, out: Path, meta, data_sha256: str) ->
         except Exception as e:
             damaged.append(f"{ckpt}: damaged, skipped ({type(e).__name__}: {str(e)[:200]})")
     else:
-        raise UserError(
-            f"--resume: no intact checkpoint in {out}" + (f" ({'; '.join(damaged)})" if damaged else "")
-        )
+        raise UserError(f"--resume: no intact checkpoint in {out}" + "".join(f"; {d}" for d in damaged))
     for d in damaged:
         print(f"train.py: warning: {d}", file=sys.stderr)
     changed = [k for k in DEFAULTS if k not in RESUMABLE and saved.get(k, DEFAULTS[k]) != getattr(cfg, k)]
     if changed:
         diff = ", ".join(f"{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)
         raise UserError(
-            f"--resume: {ckpt} was trained with other settings: {diff} (only {', '.join(sorted(RESUMABLE))}"
-            " may change)"
+            f"--resume: {ckpt} was trained with other settings: {diff} (may change: {sorted(RESUMABLE)})"
         )
     if cfg.max_steps < state["step"]:
         raise UserError(f"--max_steps {cfg.max_steps}: below the checkpoint's step {state['step']} ({ckpt})")
     if state.get("data_sha256", data_sha256) != data_sha256 and not cfg.resume_other_data:
-        raise UserError(
-            f"--train_file {cfg.train_file}: not the file {ckpt} was trained on (its sha256 differs); "
-            "--resume_other_data true continues anyway"
-        )
+        why = "not the file it was trained on (sha256 differs); --resume_other_data true continues anyway"
+        raise UserError(f"--train_file {cfg.train_file}: resuming {ckpt}: {why}")
     return ckpt
 
 
@@ -181,24 +160,22 @@ def prepare_output(cfg: TrainConfig, run: Run):
     return lock
 
 
-def save_checkpoint(out: Path, step: int, model, opt, sched, cfg: TrainConfig, run: Run, rank: int) -> None:
-    """Write checkpoint-<step>/ via a temp dir + rename, so a kill never leaves a half-written one."""
-    final, tmp = out / f"checkpoint-{step:06d}", out / f".tmp-checkpoint-{step:06d}"
+def save(out: Path, name: str, model, cfg: TrainConfig, rank: int, state: dict | None = None) -> None:
+    """out/<name>/ via a temporary folder and a rename, so a kill never leaves a half-written one: the adapter
+    (PEFT format), the encoder settings it trained with, the config; a checkpoint (`state`) adds the trainer
+    state and every rank's RNG state (dropout masks differ per rank)."""
+    final, tmp = out / name, out / f".tmp-{name}"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        save_adapter(model, tmp, base_model_name_or_path=cfg.model)
+        write_settings(tmp, cfg.pooling, cfg.is_causal, cfg.prompt, trained_on=cfg.init_adapter)
+        write_json(tmp / "train_config.json", cfg.to_dict())
+        if state is not None:
+            torch.save(state, tmp / "trainer_state.pt")
     barrier()
-    rng = {
-        "cpu": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-    }
-    torch.save(rng, tmp / f"rng_rank{rank}.pt")  # per rank: dropout masks differ
-    if rank == 0:
-        state = dict(
-            optimizer=opt.state_dict(), scheduler=sched.state_dict(), step=step, data_sha256=run.data_sha256
-        )
-        torch.save(state, tmp / "trainer_state.pt")
-        save_run(model, tmp, cfg)  # a checkpoint encodes like final/: pooling, prompt, attention
+    if state is not None:
+        cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+        torch.save({"cpu": torch.get_rng_state(), "cuda": cuda}, tmp / f"rng_rank{rank}.pt")
     barrier()
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -206,19 +183,6 @@ def save_checkpoint(out: Path, step: int, model, opt, sched, cfg: TrainConfig, r
         for old in sorted(out.glob("checkpoint-*"))[: -cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
-
-
-def save_run(model, folder: Path, cfg: TrainConfig) -> None:
-    """The adapter (PEFT format), the encoder settings it trained with (`l2v.settings`) and the whole config."""
-    save_adapter(model, folder, base_model_name_or_path=cfg.model)
-    write_settings(
-        folder,
-        pooling_mode=cfg.pooling,
-        is_causal=cfg.is_causal,
-        prompt=cfg.prompt,
-        trained_on=cfg.init_adapter,
-    )
-    write_json(folder / "train_config.json", cfg.to_dict())
 
 
 def resume(ckpt: Path, opt, sched, rank: int, device, log_path: Path) -> int:
@@ -248,9 +212,8 @@ def evaluate(objective: Objective, enc: Encoder, run: Run, cfg: TrainConfig, fin
         if run.eval_data is not None:
             total, count = 0.0, 0
             for k in range(min(len(run.eval_data) // mb, cfg.eval_batches)):
-                (m,) = objective.micro_batches(
-                    run.eval_data, list(range(k * mb, (k + 1) * mb)), [list(range(mb))], -1
-                )
+                batch = list(range(k * mb, (k + 1) * mb))
+                (m,) = objective.micro_batches(run.eval_data, batch, [list(range(mb))], -1)
                 with objective.amp():
                     total += objective.loss(model, m.inputs, gather=False).item()
                 count += m.terms
@@ -274,7 +237,7 @@ def main(argv=None) -> None:
 def train(argv: list[str]) -> None:
     cfg = parse_config(argv)
     rank, world, device = init_distributed(cfg.device)
-    cfg.micro_batch_size = cfg.micro_batch_size or cfg.batch_size // world  # 0: no accumulation
+    cfg = cfg.for_world(world)
     run = check_run(cfg, world)
     barrier()  # every rank has checked the output folder before rank 0 writes into it
     lock = prepare_output(cfg, run) if rank == 0 else None  # noqa: F841 (held until the process ends)
@@ -290,10 +253,8 @@ def train(argv: list[str]) -> None:
     if run.ckpt is not None:
         load_adapter(model, run.ckpt, merge=False)
     else:
-        lora = dict(
-            r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=tuple(cfg.lora_targets)
-        )
-        add_lora(model, **lora, layers=cfg.lora_layers or None)
+        layers = cfg.lora_layers or None
+        add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, layers=layers)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -301,9 +262,7 @@ def train(argv: list[str]) -> None:
     fwd = torch.compile(fwd) if cfg.compile else fwd
     autocast = resolve_autocast(cfg.autocast, device)
     amp = (lambda: torch.autocast(device.type, dtype=autocast)) if autocast else contextlib.nullcontext
-    enc = Encoder(
-        model, run.tokenizer, cfg.pooling, cfg.max_seq_length, prompt=cfg.prompt or None, autocast=autocast
-    )
+    enc = Encoder(model, run.tokenizer, cfg.pooling, cfg.max_seq_length, prompt=cfg.prompt, autocast=autocast)
     objective = run.objective
     objective.attach(model, enc, amp)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -317,18 +276,9 @@ def train(argv: list[str]) -> None:
     if master:
         write_json(out / "train_config.json", cfg.to_dict())
     last_step = min(total, cfg.stop_after_n_steps or total)
-    bar = None
+    bar = None  # disable=None: none when stderr is not a terminal
     if master and cfg.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(
-            total=last_step,
-            initial=step,
-            desc=cfg.objective,
-            file=sys.stderr,
-            dynamic_ncols=True,
-            disable=None,
-        )
+        bar = tqdm(total=last_step, initial=step, desc=cfg.objective, dynamic_ncols=True, disable=None)
 
     def log(rec: dict) -> None:
         if master:
@@ -342,32 +292,23 @@ def train(argv: list[str]) -> None:
         barrier()  # the other ranks wait: evaluation has no collectives
         return {"step": step, **metrics}
 
-    accum = cfg.batch_size // world // cfg.micro_batch_size
-    start = dict(
-        event="start", objective=cfg.objective, world_size=world, train_examples=len(run.data), accum=accum
-    )
-    trainable = sum(p.numel() for p in params)
-    print0(
-        json.dumps(start | objective.describe(world) | dict(trainable_params=trainable, device=str(device)))
-    )
+    rec = dict(event="start", objective=cfg.objective, world_size=world, train_examples=len(run.data))
+    rec |= dict(accum=cfg.batch_size // world // cfg.micro_batch_size) | objective.describe(world)
+    print0(json.dumps(rec | dict(trainable_params=sum(p.numel() for p in params), device=str(device))))
     # Global batches depend on (seed, epoch) only, never on the world size (see micro_batch_positions).
     positions = micro_batch_positions(cfg.batch_size, cfg.micro_batch_size, rank, world)
-    steps_per_epoch = len(batches(len(run.data), cfg.batch_size, seed=cfg.seed, groups=run.groups))
-    epoch_batches, t0, start_step = None, time.time(), step
+    epoch_of = lambda e: batches(len(run.data), cfg.batch_size, seed=cfg.seed, epoch=e, groups=run.groups)
+    steps_per_epoch, epoch_batches, t0, first = len(epoch_of(0)), None, time.time(), step
     loss_sum, tokens, since = torch.zeros((), device=device), 0, 0  # summed on the device: no sync per step
     while step < last_step:
         epoch, within = divmod(step, steps_per_epoch)
         if within == 0 or epoch_batches is None:
-            epoch_batches = batches(
-                len(run.data), cfg.batch_size, seed=cfg.seed, epoch=epoch, groups=run.groups
-            )
+            epoch_batches = epoch_of(epoch)
         micro = objective.micro_batches(run.data, epoch_batches[within], positions, step)
         lr = sched.get_last_lr()[0]
         loss_sum += objective.backward(fwd, micro)
         tokens += sum(m.tokens for m in micro)
-        grad_norm = (
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item() if cfg.grad_clip > 0 else None
-        )
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -375,43 +316,31 @@ def train(argv: list[str]) -> None:
         if bar:
             bar.update(1)
         if step % cfg.log_every == 0 or step == last_step or step == 1:
-            s = time.time() - t0
-            loss = round(all_sum(loss_sum, device) / world / since, 6)
-            speed = dict(
-                tokens_per_s=round(all_sum(tokens, device) / s, 1),
-                s_per_step=round(s / (step - start_step), 3),
-            )
-            log(dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm and round(grad_norm, 4)) | speed)
+            s, loss = time.time() - t0, round(all_sum(loss_sum, device) / world / since, 6)
+            norm = None if grad_norm is None else round(grad_norm.item(), 4)
+            tps, sps = round(all_sum(tokens, device) / s, 1), round(s / (step - first), 3)
+            log(dict(step=step, loss=loss, lr=lr, grad_norm=norm, tokens_per_s=tps, s_per_step=sps))
             loss_sum.zero_()
             since = 0
         if cfg.eval_every and step % cfg.eval_every == 0:
             log(run_eval())
         if cfg.save_every and step % cfg.save_every == 0 and step < last_step:
-            save_checkpoint(out, step, model, opt, sched, cfg, run, rank)
+            state = dict(optimizer=opt.state_dict(), scheduler=sched.state_dict(), step=step)
+            save(out, f"checkpoint-{step:06d}", model, cfg, rank, state | {"data_sha256": run.data_sha256})
     if bar:
         bar.close()
 
     evaluated = cfg.eval_every and step % cfg.eval_every == 0
-    final_metrics = (
-        run_eval(final=True) if (run.eval_data is not None or run.sts is not None) and not evaluated else {}
-    )
-    if master:
-        shutil.rmtree(out / ".tmp-final", ignore_errors=True)
-        save_run(model, out / ".tmp-final", cfg)  # final/ via a temporary folder and a rename, as checkpoints
-        shutil.rmtree(out / "final", ignore_errors=True)
-        os.replace(out / ".tmp-final", out / "final")
-        log({"event": "end", **final_metrics, "step": step, "seconds": round(time.time() - t0, 1)})
-        if cfg.merge_out:  # an HF folder with its tokenizer and this run's encoder settings
-            files = [Path(cfg.model) / f for f in TOKENIZER_FILES] + [
-                out / "final" / f for f in SETTINGS_FILES
-            ]
-            print0(
-                f"merged model written to {save_model_with(merge_lora(model), cfg.merge_out, files, cfg.weights_dtype)}"
-            )
+    evaluate_now = (run.eval_data is not None or run.sts is not None) and not evaluated
+    final_metrics = run_eval(final=True) if evaluate_now else {}
+    save(out, "final", model, cfg, rank)
+    log({"event": "end", **final_metrics, "step": step, "seconds": round(time.time() - t0, 1)})
+    if master and cfg.merge_out:
+        save_merged(model, cfg.merge_out, cfg.model, out / "final", cfg.weights_dtype)
+        print0(f"merged model written to {cfg.merge_out}")
     if world > 1:
-        # DDP's reducer holds the process group. Freed after destroy_process_group (when main returns),
-        # it would drop the group's last reference in a destructor that keeps the GIL while joining
-        # gloo's worker threads, which may need the GIL: a hang at exit. So free it first.
+        # Free DDP's reducer first: dropping the process group's last reference in its destructor after
+        # destroy_process_group keeps the GIL while joining gloo's threads, which may need it (a hang).
         del fwd
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

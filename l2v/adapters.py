@@ -14,14 +14,23 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .checkpoint import read_json
+from .checkpoint import TOKENIZER_FILES, read_json, save_model_with
 from .lora import LoRALinear, freeze_all_but_lora, layer_of, lora_modules, merge_lora, set_module
 
 PREFIX = "base_model.model."
 # Config options that change what the adapter computes and that we do not implement: refuse, never ignore.
-UNSUPPORTED = ("use_dora", "fan_in_fan_out", "lora_bias", "modules_to_save", "target_parameters",
-               "trainable_token_indices", "layer_replication", "alora_invocation_tokens", "use_qalora",
-               "exclude_modules")
+UNSUPPORTED = (
+    "use_dora",
+    "fan_in_fan_out",
+    "lora_bias",
+    "modules_to_save",
+    "target_parameters",
+    "trainable_token_indices",
+    "layer_replication",
+    "alora_invocation_tokens",
+    "use_qalora",
+    "exclude_modules",
+)
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -33,8 +42,12 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model_name_or_path: str = "",
-                 extra_config: dict | None = None) -> Path:
+def save_adapter(
+    model: nn.Module,
+    folder: str | os.PathLike,
+    base_model_name_or_path: str = "",
+    extra_config: dict | None = None,
+) -> Path:
     """Write a PEFT LoRA folder that `peft.PeftModel.from_pretrained` and `load_adapter` both read."""
     mods = lora_modules(model)
     if not mods:
@@ -49,13 +62,27 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model_name_or
     layers = sorted({layer_of(p) for p in mods})
     all_layers = len(getattr(model, "layers", [])) == len(layers)
     config = dict(
-        peft_type="LORA", task_type=None, base_model_name_or_path=base_model_name_or_path, revision=None,
-        inference_mode=True, r=r, lora_alpha=alpha, lora_dropout=dropout,
-        target_modules=sorted({p.rpartition(".")[2] for p in mods}), exclude_modules=None,
-        fan_in_fan_out=False, bias="none", use_rslora=next(iter(mods.values())).use_rslora,
-        modules_to_save=None, init_lora_weights=True, layers_to_transform=None if all_layers else layers,
+        peft_type="LORA",
+        task_type=None,
+        base_model_name_or_path=base_model_name_or_path,
+        revision=None,
+        inference_mode=True,
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=sorted({p.rpartition(".")[2] for p in mods}),
+        exclude_modules=None,
+        fan_in_fan_out=False,
+        bias="none",
+        use_rslora=next(iter(mods.values())).use_rslora,
+        modules_to_save=None,
+        init_lora_weights=True,
+        layers_to_transform=None if all_layers else layers,
         layers_pattern=None if all_layers else "layers",
-        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, use_dora=False, lora_bias=False,
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        use_dora=False,
+        lora_bias=False,
         layer_replication=None,
     )
     config.update(extra_config or {})
@@ -88,18 +115,25 @@ def read_adapter(folder: str | os.PathLike, model: nn.Module) -> tuple[dict, dic
     if cfg.get("bias", "none") != "none":
         bad.append(f"bias={cfg['bias']!r}")
     if bad:
-        raise ValueError(f"{cfg_path}: unsupported LoRA option(s) {bad}; l2v implements plain LoRA and rsLoRA")
+        raise ValueError(
+            f"{cfg_path}: unsupported LoRA option(s) {bad}; l2v implements plain LoRA and rsLoRA"
+        )
     for key in ("r", "lora_alpha"):
         if not isinstance(cfg.get(key), (int, float)):
             raise ValueError(f"{cfg_path}: missing or non-numeric {key!r}")
     if not weights_path.is_file():
-        hint = " (only pickle adapter_model.bin found; l2v loads safetensors only)" \
-            if (folder / "adapter_model.bin").is_file() else ""
+        hint = (
+            " (only pickle adapter_model.bin found; l2v loads safetensors only)"
+            if (folder / "adapter_model.bin").is_file()
+            else ""
+        )
         raise FileNotFoundError(f"{weights_path}: file not found{hint}")
     layers = cfg.get("layers_to_transform")
     layers = [layers] if isinstance(layers, int) else layers
     if cfg.get("layers_pattern") not in (None, "layers", ["layers"]):
-        raise ValueError(f"{cfg_path}: unsupported layers_pattern {cfg['layers_pattern']!r} (l2v's layers are 'layers')")
+        raise ValueError(
+            f"{cfg_path}: unsupported layers_pattern {cfg['layers_pattern']!r} (l2v's layers are 'layers')"
+        )
     linears = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear))}
     targets = cfg.get("target_modules") or []
     if isinstance(targets, str):  # peft's regex form: the tensors decide what is adapted
@@ -124,11 +158,16 @@ def read_adapter(folder: str | os.PathLike, model: nn.Module) -> tuple[dict, dic
         if not torch.isfinite(t).all():
             raise ValueError(f"{weights_path}: tensor {key!r} has NaN or infinite values")
         if layers is not None and layer_of(path) not in layers:
-            raise ValueError(f"{weights_path}: tensor {key!r} is for a layer outside layers_to_transform {layers}")
+            raise ValueError(
+                f"{weights_path}: tensor {key!r} is for a layer outside layers_to_transform {layers}"
+            )
         found[path][m[2]] = t
     if unexpected:
-        raise ValueError(f"{weights_path}: {len(unexpected)} key(s) match no linear layer of the model: "
-                         + ", ".join(unexpected[:10]) + (" ..." if len(unexpected) > 10 else ""))
+        raise ValueError(
+            f"{weights_path}: {len(unexpected)} key(s) match no linear layer of the model: "
+            + ", ".join(unexpected[:10])
+            + (" ..." if len(unexpected) > 10 else "")
+        )
     half = sorted(p for p, d in found.items() if "A" not in d or "B" not in d)
     if half:
         raise ValueError(f"{weights_path}: module(s) with only one of lora_A/lora_B: {', '.join(half[:10])}")
@@ -143,8 +182,10 @@ def read_adapter(folder: str | os.PathLike, model: nn.Module) -> tuple[dict, dic
         d["alpha"] = _pattern_value(cfg.get("alpha_pattern"), path, cfg["lora_alpha"])
         want_A, want_B = (d["r"], lin.in_features), (lin.out_features, d["r"])
         if tuple(A.shape) != want_A or tuple(B.shape) != want_B:
-            raise ValueError(f"{weights_path}: shape mismatch for {path}: lora_A {tuple(A.shape)} / lora_B "
-                             f"{tuple(B.shape)}, model and r={d['r']} need {want_A} / {want_B}")
+            raise ValueError(
+                f"{weights_path}: shape mismatch for {path}: lora_A {tuple(A.shape)} / lora_B "
+                f"{tuple(B.shape)}, model and r={d['r']} need {want_A} / {want_B}"
+            )
     return cfg, found
 
 
@@ -166,3 +207,14 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, merge: bool = True
     else:
         freeze_all_but_lora(model)
     return sorted(found)
+
+
+def save_merged(model: nn.Module, dest, base_folder, settings_folder, dtype=None) -> Path:
+    """The model with its LoRA merged as an HF folder that transformers and l2v load: the base folder's
+    tokenizer files and the settings files of `settings_folder` (how it encodes) go with it."""
+    from .settings import SETTINGS_FILES
+
+    files = [Path(base_folder) / f for f in TOKENIZER_FILES] + [
+        Path(settings_folder) / f for f in SETTINGS_FILES
+    ]
+    return save_model_with(merge_lora(model), dest, files, dtype)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from .checkpoint import read_json
@@ -105,6 +105,15 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def for_world(self, world: int) -> TrainConfig:
+        """micro_batch_size 0 resolved to batch_size / ranks (no accumulation), and the split checked."""
+        mb = self.micro_batch_size or self.batch_size // world
+        if mb == 0 or self.batch_size % (world * mb):
+            raise UserError(
+                f"--batch_size {self.batch_size}: must split over {world} rank(s) x micro_batch_size {mb}"
+            )
+        return replace(self, micro_batch_size=mb)
 
 
 OPTIONS = {f.name: f.metadata for f in fields(TrainConfig)}
@@ -225,6 +234,8 @@ def parse_config(argv: list[str], objectives=OBJECTIVES) -> TrainConfig:
         check_value(key, value, f"--{key}" if key in flags else f"{config}: {key}")
     if cfg["prompt"] and cfg["prompt"].count("{text}") != 1:
         raise UserError("--prompt: needs exactly one {text} slot")
+    if cfg["eval_every"] and not (cfg["eval_file"] or cfg["eval_sts_file"]):
+        raise UserError("--eval_every: needs --eval_file or --eval_sts_file")
     if cfg["resume"] and cfg["overwrite"]:
         raise UserError("--resume, --overwrite: choose one")
     return TrainConfig(**cfg)

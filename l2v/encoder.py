@@ -160,6 +160,7 @@ class Encoder:
         if chat_template is not None and missing_template_tokens(chat_template, tokenizer):
             raise ValueError(f"chat template {chat_template!r}: tokens {missing_template_tokens(chat_template, tokenizer)} "
                              "are not in this vocabulary")
+        prompt = prompt or None  # "" is no prompt
         if prompt is not None and prompt.count("{text}") != 1:
             raise ValueError(f"prompt {prompt!r}: needs exactly one {{text}} slot")
         for name, value in (("max_length", max_length), ("doc_max_length", doc_max_length), ("row_tokens", row_tokens)):

@@ -40,10 +40,10 @@ def adapter_sha256(folder: str | os.PathLike) -> str:
 
 def write_settings(
     folder: str | os.PathLike,
-    *,
     pooling_mode: str,
     is_causal: bool,
     prompt: str | None,
+    *,
     max_length: int = DEFAULTS["max_length"],
     doc_max_length: int = DEFAULTS["doc_max_length"],
     skip_instruction: bool = True,

@@ -23,7 +23,11 @@ class UserError(ValueError):
 
 
 class default_formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the description's layout and shows every flag's default."""
+    """Keeps the description's layout and shows every flag's default (where it has one to show)."""
+
+    def _get_help_string(self, action):
+        unset = action.default is None or action.default is False or action.default == []
+        return action.help if unset else super()._get_help_string(action)
 
 
 def fail(script: str, error, debug: bool = False) -> None:
@@ -70,7 +74,7 @@ def add_encoder_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default=str(DEMO_MODEL),
-        help="HF model folder or hub id (default: the demo model that `make setup` builds)",
+        help="HF model folder or hub id (default: the demo model, which `make setup` builds)",
     )
     p.add_argument(
         "--adapter",

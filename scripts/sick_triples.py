@@ -3,6 +3,7 @@
     python scripts/sick_triples.py                       # ../shared/data/sick/SICK_train.txt -> data/sick-train-triples.jsonl
     python scripts/sick_triples.py --split SICK_trial.txt --out data/sick-trial-triples.jsonl
     python scripts/sick_triples.py --pairs               # -> data/sick-train-pairs.jsonl, for --objective cosent
+    python scripts/sick_triples.py --setup               # both defaults; without the data, one line and exit 0
 
 Pairs are read both ways (A with B, B with A). The default set (`--negatives any --min-related 4`,
 3,224 triples): each premise's positives are its ENTAILMENT partners and its NEUTRAL partners rated at
@@ -20,6 +21,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from l2v.cli import DATA_DIR  # noqa: E402
+from l2v.files import write_text  # noqa: E402
 
 
 def triples(path: Path, instruction: str, negatives: str = "any", min_related: float = 4.0) -> list[dict]:
@@ -59,7 +63,7 @@ def pairs(path: Path) -> list[dict]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
+    p.add_argument("--data-dir", type=Path, default=DATA_DIR)
     p.add_argument("--split", default="SICK_train.txt")
     p.add_argument("--instruction", default="", help="instruction for the queries (default none)")
     p.add_argument("--negatives", choices=("contradiction", "any"), default="any",
@@ -68,7 +72,15 @@ def main(argv=None):
                    help="NEUTRAL partners rated at least this are positives too (0 = entailed only)")
     p.add_argument("--pairs", action="store_true", help="write the graded pairs (for --objective cosent) instead")
     p.add_argument("--out", type=Path, help="default data/sick-train-triples.jsonl (--pairs: data/sick-train-pairs.jsonl)")
+    p.add_argument("--setup", action="store_true", help="make setup: the default triples and pairs, when the data is there")
     args = p.parse_args(argv)
+    if args.setup:
+        if not (args.data_dir / "sick" / args.split).is_file():
+            print(f"sick_triples.py: skipped: no {args.data_dir / 'sick' / args.split} (the supervised and cosent "
+                  "demo presets need it; everything else works without)")
+            return
+        main([a for a in argv or sys.argv[1:] if a != "--setup"])
+        return main([a for a in argv or sys.argv[1:] if a != "--setup"] + ["--pairs"])
     args.out = args.out or ROOT / "data" / f"sick-train-{'pairs' if args.pairs else 'triples'}.jsonl"
     src = args.data_dir / "sick" / args.split
     if not src.is_file():
@@ -82,7 +94,7 @@ def main(argv=None):
     except (ValueError, IndexError, UnicodeDecodeError) as e:  # empty, a missing column, a score not a number
         sys.exit(f"sick_triples.py: error: {src}: not a SICK file with a header ({e})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_text(args.out, "".join(json.dumps(r) + "\n" for r in rows))
     print(f"wrote {args.out}: {len(rows)} {'pairs' if args.pairs else 'triples'} from {src}")
 
 

@@ -17,7 +17,7 @@ MODES = ("mean", "weighted_mean", "eos_token", "last_token")
 
 
 @pytest.fixture(scope="module")
-def records():
+def records(oracle_dir):
     return json.loads((ORACLE / "embeddings.json").read_text(encoding="utf-8"))["inputs"]
 
 

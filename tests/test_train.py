@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import DATA, ROOT
+from conftest import DATA, ROOT, needs_data
 from safetensors.torch import load_file
 
 import train
@@ -167,6 +167,7 @@ def test_committed_configs_are_valid(path):
     assert not cfg["stop_after_n_steps"] or cfg["stop_after_n_steps"] <= cfg["max_steps"]
 
 
+@needs_data
 @pytest.mark.parametrize("objective", ["mntp", "simcse"])
 def test_demo_config_loss_decreases(demo_model_dir, objective, tmp_path):
     """The committed demo preset, shortened, trains the real demo model and its loss goes down."""

@@ -77,6 +77,10 @@ FIGURES = {"encode_sts": lambda e, s, d: encode(e, s, d, "sts"),
            "encode_msmarco": lambda e, s, d: encode(e, s, d, "msmarco"),
            "mntp": lambda e, s, d: mntp(e, s, d, False), "mntp_ckpt": lambda e, s, d: mntp(e, s, d, True),
            "simcse": simcse,
+           # --cached: a plain step at the micro-batch size, the cached big batch, and the plain big batch
+           "simcse_small": lambda e, s, d: simcse(e, s, d, s["cached"][1]),
+           "simcse_cached": lambda e, s, d: simcse(e, s, d, *s["cached"]),
+           "simcse_large": lambda e, s, d: simcse(e, s, d, s["cached"][0]),
            "matmul": lambda e, s, d: {"tflops": matmul_tflops(d, getattr(torch, s["autocast"] or s["weights_dtype"]),
                                                               s["matmul_n"])}}
 

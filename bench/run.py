@@ -34,11 +34,18 @@ TARGETS = {
     "cpu": {"encode_sts": "ratio >= 1.3", "cosine": "l2v >= 0.9999", "mntp": "ratio >= 1.5", "mntp_mfu": "l2v >= 0.5",
             "mntp_mem": "ratio <= 0.6", "load": "ratio <= 0.5"},
     "against": {"simcse": "ratio >= 1.5"},
+    # issue #28: the cached step's memory near the plain micro-batch's, its time near the plain big batch's
+    "cached": {"simcse_cached_mem": "ratio <= 1.2", "simcse_cached_time": "ratio <= 1.4"},
 }
 SIZES = {  # texts per figure (0 = all), MNTP (rows, tokens), training steps after warmup, encode passes
     "cuda": dict(sts=0, msmarco=1000, simcse=128, wiki=0, mntp=(16, 512), warmup=2, steps=4, repeats=1, matmul_n=8192),
     "cpu": dict(sts=0, msmarco=200, simcse=32, wiki=0, mntp=(4, 512), warmup=1, steps=3, repeats=1, matmul_n=4096),
-    "dry": dict(sts=24, msmarco=6, simcse=4, wiki=200, mntp=(2, 32), warmup=0, steps=2, repeats=1, matmul_n=64)}
+    "dry": dict(sts=24, msmarco=6, simcse=4, wiki=200, mntp=(2, 32), warmup=0, steps=2, repeats=1, matmul_n=64),
+    # --cached: SimCSE batch 256 in micro-batches of 32 (cached) vs plain 32 and plain 256
+    "cached": dict(sts=8, msmarco=1, simcse=256, wiki=0, mntp=(1, 8), warmup=1, steps=2, repeats=1, matmul_n=64,
+                   cached=(256, 32)),
+    "cached-dry": dict(sts=8, msmarco=1, simcse=8, wiki=200, mntp=(1, 8), warmup=0, steps=1, repeats=1, matmul_n=64,
+                       cached=(8, 2))}
 FIGURES = {"cuda": ["matmul", "encode_sts", "encode_msmarco", "simcse", "mntp_ckpt", "mntp"],  # OOM-prone last
            "cpu": ["encode_sts", "encode_msmarco", "mntp", "mntp_ckpt", "simcse", "matmul"]}
 SHAPES = {"llama3-8b": dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
@@ -200,6 +207,37 @@ def rows(res: dict, targets: dict, cfg: dict, info: dict, work: Path) -> list[di
     return out
 
 
+def cached(model: Path, work: Path, data, sizes: dict, threads: int) -> dict:
+    """Issue #28: l2v's SimCSE step, each figure in its own process (peak RSS per figure), float32."""
+    info = prepare_inputs(work, data, model, sizes)
+    spec = dict(sizes, model=str(model), device="cpu", threads=threads, inputs=str(work / "inputs.json"),
+                mntp=str(work / "mntp.npz"), weights_dtype="float32", autocast=None, side="l2v")
+    big, micro = sizes["cached"]
+    labels = {"simcse_small": f"plain SimCSE step, {micro} sentences x 2",
+              "simcse_cached": f"cached SimCSE step, {big} sentences x 2 in micro-batches of {micro}",
+              "simcse_large": f"plain SimCSE step, {big} sentences x 2"}
+    res = {}
+    for fig in labels:
+        res.update(run_side("l2v_side.py", dict(spec, figures=[fig], out=str(work / fig)), sys.executable, [ROOT], fig))
+
+    def value(fig, what):
+        try:
+            return statistics.median(res[fig]["times"]) if what == "time" else res[fig]["peak_mem_mb"]
+        except (KeyError, statistics.StatisticsError):
+            return f"failed: {res.get(fig, {}).get('error', '-')[:120]}"
+    out = [dict(fig=f, figure=f"{label}: {what}", unit="s/step" if what == "time" else "MB", l2v=value(f, what),
+                upstream=None, ratio=None, target=None, met=None)
+           for f, label in labels.items() for what in ("time", "peak memory")]
+    for key, what, ref in (("simcse_cached_mem", "peak memory", "simcse_small"),
+                           ("simcse_cached_time", "time", "simcse_large")):
+        a, b = value("simcse_cached", what), value(ref, what)
+        ratio = a / b if all(isinstance(v, float) for v in (a, b)) and b else None
+        target = TARGETS["cached"][key]
+        out.append(dict(fig=key, figure=f"cached / {labels[ref]}: {what}", unit="", l2v=ratio, upstream=None,
+                        ratio=ratio, target=target, met=None if ratio is None else ratio <= float(target.split()[2])))
+    return dict(model=str(model), inputs=info, sizes=sizes, results={"l2v": res}, rows=out)
+
+
 def table(result: dict, cols=("l2v", "upstream")) -> str:
     """The report table; for the GPU check also its rows in docs/performance.md's columns."""
     fmt = lambda v: "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
@@ -314,6 +352,7 @@ def main(argv=None) -> dict:
     a = p.add_argument
     a("--gpu", action="store_true", help="the GPU check: needs nothing downloaded (bench/README.md)")
     a("--against", type=Path, help="another checkout: its train.py SimCSE step and encode speed vs this one's")
+    a("--cached", action="store_true", help="l2v's cached SimCSE step: batch 256 in micro-batches of 32 vs plain")
     a("--dry-run", action="store_true", help="a tiny random model and tiny inputs: seconds")
     a("--model", type=Path, default=DEMO_MODEL, help="model folder (plain and --against modes)")
     a("--data", type=Path, default=ROOT.parent / "shared/data", help="folder of DATA_FILES (default: ../shared/data)")
@@ -329,7 +368,7 @@ def main(argv=None) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.gpu and device != "cuda" and not args.dry_run:
         p.error("--gpu: no CUDA device here (--gpu --dry-run runs the same steps on a tiny model)")
-    sizes = SIZES["dry" if args.dry_run else device]
+    sizes = SIZES[("cached-dry" if args.dry_run else "cached") if args.cached else "dry" if args.dry_run else device]
     with tempfile.TemporaryDirectory(prefix="l2v-bench-") as tmp:
         work, peer, model = Path(tmp), list(args.peer_path), args.model.resolve()
         for whl in sorted(args.peer_wheels.glob("*.whl")) if args.peer_wheels else []:
@@ -341,14 +380,17 @@ def main(argv=None) -> dict:
         args.tokenizer = tokenizers[0] if tokenizers else None
         if args.dry_run and not args.gpu:
             model = make_model(work / "tiny", SHAPES["tiny"], args.tokenizer, "cpu", 1 << 20)
-        if args.against:
+        if args.cached:
+            result = cached(model, work, args.data, sizes, args.threads)
+        elif args.against:
             result = against(args.against, work, model, args.data, sizes, args.threads, args.rounds)
         elif args.gpu:
             result = gpu_check(args, work, device, sizes, peer)
         else:
             result = compare(model, device, sizes, work, args.data, args.threads, args.peer_python, peer, args.rounds,
                              per_figure=device == "cpu" and not args.dry_run)
-    result.update(mode="gpu" if args.gpu else "against" if args.against else device, dry_run=args.dry_run,
+    mode = "gpu" if args.gpu else "against" if args.against else "cached" if args.cached else device
+    result.update(mode=mode, dry_run=args.dry_run,
                   torch=torch.__version__, card=torch.cuda.get_device_name() if device == "cuda" else f"CPU, {args.threads} threads")
     print(table(result, ("this checkout", "other") if args.against else ("l2v", "upstream")))
     out = args.out or (None if args.dry_run else BENCH / "results" / f"{result['mode']}.json")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import shutil
 import sys
@@ -61,7 +62,7 @@ class Run:
     earlier: list[Path]  # an earlier run's files, which --overwrite deletes
 
 
-def check_run(cfg: TrainConfig, world: int) -> Run:
+def check_run(cfg: TrainConfig) -> Run:
     """Read or check every file the run needs before the model loads; nothing is written."""
     mb, out = cfg.micro_batch_size, Path(cfg.output_dir)
     model_cfg, tok = load_config(cfg.model), Tokenizer(cfg.model)
@@ -206,18 +207,11 @@ def resume(ckpt: Path, opt, sched, rank: int, device, log_path: Path) -> int:
 def evaluate(objective: Objective, enc: Encoder, run: Run, cfg: TrainConfig, final: bool = False) -> dict:
     """On rank 0: the objective's loss on the first eval_batches micro-batches of eval_file (the same MNTP
     masks every time), and STS Spearman x100. A failure is reported, never fatal to the run."""
-    metrics, model, mb = {}, enc.model, cfg.micro_batch_size
+    metrics, model = {}, enc.model
     model.eval()
     try:
         if run.eval_data is not None:
-            total, count = 0.0, 0
-            for k in range(min(len(run.eval_data) // mb, cfg.eval_batches)):
-                batch = list(range(k * mb, (k + 1) * mb))
-                (m,) = objective.micro_batches(run.eval_data, batch, [list(range(mb))], -1)
-                with objective.amp():
-                    total += objective.loss(model, m.inputs, gather=False).item()
-                count += m.terms
-            metrics["eval_loss"] = total / max(count, 1)
+            metrics["eval_loss"] = objective.eval_loss(run.eval_data, cfg.micro_batch_size, cfg.eval_batches)
         if run.sts is not None:
             metrics["eval_sts_spearman"] = evaluate_sts(enc, *run.sts, show_progress=final and cfg.progress)
     except Exception as e:  # never lose the run to an evaluation failure
@@ -238,7 +232,7 @@ def train(argv: list[str]) -> None:
     cfg = parse_config(argv)
     rank, world, device = init_distributed(cfg.device)
     cfg = cfg.for_world(world)
-    run = check_run(cfg, world)
+    run = check_run(cfg)
     barrier()  # every rank has checked the output folder before rank 0 writes into it
     lock = prepare_output(cfg, run) if rank == 0 else None  # noqa: F841 (held until the process ends)
     barrier()
@@ -317,6 +311,8 @@ def train(argv: list[str]) -> None:
             bar.update(1)
         if step % cfg.log_every == 0 or step == last_step or step == 1:
             s, loss = time.time() - t0, round(all_sum(loss_sum, device) / world / since, 6)
+            if not math.isfinite(loss):  # nothing after this is worth saving; earlier checkpoints stay
+                raise UserError(f"step {step}: the loss is {loss}: training diverged (a lower --lr?)")
             norm = None if grad_norm is None else round(grad_norm.item(), 4)
             tps, sps = round(all_sum(tokens, device) / s, 1), round(s / (step - first), 3)
             log(dict(step=step, loss=loss, lr=lr, grad_norm=norm, tokens_per_s=tps, s_per_step=sps))

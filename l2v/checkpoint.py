@@ -37,6 +37,8 @@ def resolve_device(device="auto") -> torch.device:
         device = torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):  # meta holds no numbers; l2v is not tested on mps, xpu, ...
+        raise ValueError(f"device {device}: not supported; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device}: CUDA is not available here")
     return device
@@ -60,11 +62,15 @@ def read_json(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+    raw = path.read_bytes()
+    try:  # JSON may legally be UTF-8 (with or without a BOM), UTF-16 or UTF-32: json detects which
+        return json.loads(raw.removeprefix(b"\xef\xbb\xbf"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8, UTF-16 or UTF-32 JSON ({e.reason} at byte {e.start})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply to read") from None
 
 
 def load_config(folder: str | os.PathLike) -> ModelConfig:

@@ -15,22 +15,42 @@ import torch
 
 
 TEXT_SUFFIXES = (".txt", ".raw", ".text", ".tsv")
+MAX_LINE_BYTES = 64 << 20  # far beyond any text an encoder reads; a longer line is refused, not loaded
 
 
 def read_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
-    """(line number, line without its line ending) of a UTF-8 file; a bad byte names its line."""
+    """(line number, line without its line ending) of a UTF-8 file; a bad byte names its line. Line
+    endings are \\n, \\r\\n and a bare \\r (old Mac files: one line each, not one text)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found" if not path.exists() else f"{path}: not a file")
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-            # Only strip the line ending: leading spaces are part of WikiText's raw format
-            # (` = Title = `, ` The game ...`) and tokenize differently without them.
-            yield lineno, line.rstrip("\n").removesuffix("\r")
+        lineno = 0
+        while raw := f.readline(MAX_LINE_BYTES + 1):
+            if len(raw) > MAX_LINE_BYTES:
+                raise ValueError(f"{path}:{lineno + 1}: a line of more than {MAX_LINE_BYTES >> 20} MiB")
+            parts = raw.removesuffix(b"\n").removesuffix(b"\r").split(b"\r")
+            for part in parts:
+                lineno += 1
+                try:
+                    line = part.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+                # Only the line ending goes: leading spaces are part of WikiText's raw format
+                # (` = Title = `, ` The game ...`) and tokenize differently without them.
+                yield lineno, line
+
+
+def parse_json(text: str | bytes, where: str, whole_file: bool = False):
+    """json.loads with errors that name the file and line (`where` is the file, or already its line); nesting
+    too deep for Python is one of them."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        at = f"{where}:{e.lineno}" if whole_file else where
+        raise ValueError(f"{at}: malformed JSON: {e.msg} (column {e.colno})") from None
+    except RecursionError:
+        raise ValueError(f"{where}: JSON nested too deeply to read") from None
 
 
 def read_records(path: str | os.PathLike) -> list[tuple[str, object]]:
@@ -41,11 +61,7 @@ def read_records(path: str | os.PathLike) -> list[tuple[str, object]]:
     if suffix not in TEXT_SUFFIXES + (".json", ".jsonl"):
         raise ValueError(f"{path}: unsupported file type {suffix or '(none)'!r}; expected .txt, .raw, .jsonl or .json")
     if suffix == ".json":
-        text = "\n".join(line for _, line in read_lines(path))
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+        data = parse_json("\n".join(line for _, line in read_lines(path)), str(path), whole_file=True)
         if not isinstance(data, list):
             raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
         return [(f"{path}[{i}]", item) for i, item in enumerate(data)]
@@ -56,17 +72,14 @@ def read_records(path: str | os.PathLike) -> list[tuple[str, object]]:
         if suffix != ".jsonl":
             out.append((f"{path}:{lineno}", line))
             continue
-        try:
-            out.append((f"{path}:{lineno}", json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+        out.append((f"{path}:{lineno}", parse_json(line, f"{path}:{lineno}")))
     return out
 
 
 def field(item, where: str, key: str, default=None) -> str:
     """A string field of a record (a bare string is its own "text"), with an error naming the record."""
     if isinstance(item, str) and (key == "text" or default is not None):
-        return item if key == "text" else default
+        return field({"text": item}, where, "text") if key == "text" else default
     if not isinstance(item, dict):
         raise ValueError(f"{where}: expected an object with \"{key}\", got {type(item).__name__}")
     value = item.get(key, default)
@@ -74,6 +87,10 @@ def field(item, where: str, key: str, default=None) -> str:
         raise ValueError(f"{where}: object has no \"{key}\" field (keys: {sorted(item)[:10]})")
     if not isinstance(value, str):
         raise ValueError(f"{where}: \"{key}\" is a {type(value).__name__}, expected a string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate from a JSON escape: no tokenizer can read it
+        raise ValueError(f"{where}: \"{key}\" is not valid Unicode ({e.reason} at character {e.start})") from None
     return value
 
 
@@ -108,6 +125,8 @@ def read_examples(path: str | os.PathLike, fields=TRIPLE_FIELDS) -> list[dict]:
         rec["instruction"] = field(item, where, "instruction", "")
         if fields == PAIR_FIELDS and not (type(rec.get("score")) in (int, float) and math.isfinite(rec["score"])):
             raise ValueError(f"{where}: \"score\" must be a number, got {rec.get('score')!r}")
+        if "dataset" in rec:  # global batches are grouped by it
+            field(item, where, "dataset")
         out.append(rec)
     if not out:
         raise ValueError(f"{path}: no records (the file is empty)")

@@ -187,6 +187,9 @@ class Encoder:
         Every file, the adapters' shapes and order (`check_adapters`) and `check_inputs` are checked before
         the weights load."""
         from .adapters import load_adapter, read_adapter  # written separately; only needed here
+        for name, value in (("is_causal", is_causal), ("skip_instruction", skip_instruction)):
+            if value is not None and not isinstance(value, bool):
+                raise TypeError(f"{name} must be True, False or None, got {value!r}")
         adapters = [adapters] if isinstance(adapters, (str, os.PathLike)) else list(adapters)
         found, sources = read_settings(model_dir, *adapters)
         cfg = {**DEFAULTS, **found}
@@ -270,6 +273,9 @@ class Encoder:
         if isinstance(inputs, (str, tuple)):
             raise TypeError("inputs: expected a list of strings and/or (instruction, text) pairs, got a "
                             f"bare {type(inputs).__name__} (wrap one input in a list)")
+        if isinstance(inputs, (bytes, dict)) or not hasattr(inputs, "__iter__"):
+            raise TypeError("inputs: expected a list of strings and/or (instruction, text) pairs, got "
+                            f"{type(inputs).__name__}")
         out = []
         for i, item in enumerate(inputs):
             if isinstance(item, str):
@@ -316,9 +322,9 @@ class Encoder:
         if isinstance(inputs, str):
             inputs = [inputs]
         device = self.model.embed_tokens.weight.device
+        if max_batch_tokens is not None and (type(max_batch_tokens) is not int or max_batch_tokens < 1):
+            raise ValueError(f"max_batch_tokens must be a positive integer, got {max_batch_tokens!r}")
         max_batch_tokens = max_batch_tokens or (2048 if device.type == "cpu" else 16384)
-        if max_batch_tokens < 1:
-            raise ValueError(f"max_batch_tokens must be positive, got {max_batch_tokens}")
         prepared = self.prepare_inputs(inputs)
         out = np.zeros((len(prepared), self.model.config.dim), dtype=np.float32)
         batches = self.batches(prepared, max_batch_tokens) if prepared else []

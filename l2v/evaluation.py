@@ -16,6 +16,7 @@ Readers follow the format notes of the data's README (`../shared/data/README.md`
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -37,9 +38,27 @@ CRANFIELD_INSTRUCTION = "Given a scientific question, retrieve relevant aeronaut
 
 def number(value: str, where: str, what: str) -> float:
     try:
-        return float(value)
+        x = float(value)
     except ValueError:
         raise ValueError(f"{where}: {what} {value!r} is not a number") from None
+    if not math.isfinite(x):
+        raise ValueError(f"{where}: {what} {value!r} is not a finite number")
+    return x
+
+
+def sentence(text: str, where: str) -> str:
+    if not text.strip():
+        raise ValueError(f"{where}: a sentence is empty")
+    return text.strip()  # some sentences carry a trailing space
+
+
+def sts_set(path, s1: list[str], s2: list[str], gold: list[float]) -> tuple[list[str], list[str], np.ndarray]:
+    """A set's pairs, refused when Spearman could not be computed on it: no pairs, or one gold score only."""
+    if not gold:
+        raise ValueError(f"{path}: no scored pairs")
+    if min(gold) == max(gold):
+        raise ValueError(f"{path}: every gold score is {gold[0]}: Spearman is undefined")
+    return s1, s2, np.asarray(gold, dtype=np.float64)
 
 
 def read_stsb(path: str | os.PathLike) -> tuple[list[str], list[str], np.ndarray]:
@@ -52,9 +71,9 @@ def read_stsb(path: str | os.PathLike) -> tuple[list[str], list[str], np.ndarray
         if len(fields) < 7:
             raise ValueError(f"{path}:{i}: expected >= 7 tab-separated fields, got {len(fields)}")
         gold.append(number(fields[4], f"{path}:{i}", "score"))
-        s1.append(fields[5].strip())  # some sentences carry a trailing space
-        s2.append(fields[6].strip())
-    return s1, s2, np.asarray(gold, dtype=np.float64)
+        s1.append(sentence(fields[5], f"{path}:{i}"))
+        s2.append(sentence(fields[6], f"{path}:{i}"))
+    return sts_set(path, s1, s2, gold)
 
 
 def rankdata(x) -> np.ndarray:
@@ -111,7 +130,10 @@ def evaluate_sts(
         encoder.encode(with_instruction(unique, instruction), show_progress=show_progress, **encode_kw)
     ).astype(np.float64)
     a, b = emb[[index[s] for s in s1]], emb[[index[s] for s in s2]]  # (n_pairs, D) each
-    return spearman((a * b).sum(-1), gold)
+    rho = spearman((a * b).sum(-1), gold)
+    if math.isnan(rho):  # a number here would be a made-up one
+        raise ValueError("Spearman is undefined: the encoder gives every pair the same similarity")
+    return rho
 
 
 def read_sick(path: str | os.PathLike) -> tuple[list[str], list[str], np.ndarray]:
@@ -134,12 +156,12 @@ def read_sick(path: str | os.PathLike) -> tuple[list[str], list[str], np.ndarray
                 f"{path}:{i}: expected >= {max(cols) + 1} tab-separated fields, got {len(fields)}"
             )
         a, b, score = (fields[c] for c in cols)
-        s1.append(a.strip())
-        s2.append(b.strip())
+        s1.append(sentence(a, f"{path}:{i}"))
+        s2.append(sentence(b, f"{path}:{i}"))
         gold.append(number(score, f"{path}:{i}", "relatedness_score"))
     if cols is None:
         raise ValueError(f"{path}: empty file (no header row)")
-    return s1, s2, np.asarray(gold, dtype=np.float64)
+    return sts_set(path, s1, s2, gold)
 
 
 def read_sts_pair_files(input_path, gold_path) -> tuple[list[str], list[str], np.ndarray]:
@@ -158,10 +180,10 @@ def read_sts_pair_files(input_path, gold_path) -> tuple[list[str], list[str], np
         fields = line.split("\t")
         if len(fields) < 2:
             raise ValueError(f"{input_path}:{i}: expected >= 2 tab-separated sentences, got {len(fields)}")
-        s1.append(fields[0].strip())
-        s2.append(fields[1].strip())
+        s1.append(sentence(fields[0], f"{input_path}:{i}"))
+        s2.append(sentence(fields[1], f"{input_path}:{i}"))
         gold.append(number(g.strip(), f"{gold_path}:{i}", "gold score"))
-    return s1, s2, np.asarray(gold, dtype=np.float64)
+    return s1, s2, gold
 
 
 def read_sts_year(folder: str | os.PathLike) -> tuple[list[str], list[str], np.ndarray]:
@@ -177,24 +199,36 @@ def read_sts_year(folder: str | os.PathLike) -> tuple[list[str], list[str], np.n
     for gold_path in gold_files:
         input_path = gold_path.with_name(gold_path.name.replace(".gs.", ".input.", 1))
         a, b, g = read_sts_pair_files(input_path, gold_path)
-        s1 += a
-        s2 += b
-        gold.append(g)
-    return s1, s2, np.concatenate(gold)
+        s1, s2, gold = s1 + a, s2 + b, gold + g
+    return sts_set(folder, s1, s2, gold)
 
 
-def read_jsonl_docs(path) -> list[dict]:
+def read_jsonl_docs(path) -> list[tuple[str, dict]]:
     rows = []
     for where, row in read_records(path):
-        if not isinstance(row, dict) or "_id" not in row or "text" not in row:
-            raise ValueError(f"{where}: expected an object with '_id' and 'text'")
-        rows.append(row)
+        if not isinstance(row, dict) or "_id" not in row or not isinstance(row.get("text"), str):
+            raise ValueError(f"{where}: expected an object with '_id' and a string 'text'")
+        rows.append((where, row))
     return rows
 
 
-def read_qrels_tsv(path) -> dict[str, dict[str, int]]:
-    """BEIR qrels: `query-id \\t corpus-id \\t score`, with or without a header line."""
+def check_qrels(qrels: dict, where: dict, corpus: dict, queries: dict, corpus_file, queries_file) -> dict:
+    """Every judgment must name a known query and document: one that does not is a mismatched file."""
+    for (qid, did), at in where.items():
+        if did not in corpus:
+            raise ValueError(f"{at}: document {did!r} is not in {corpus_file}")
+        if qid not in queries:
+            raise ValueError(f"{at}: query {qid!r} is not in {queries_file}")
+    if not any(g > 0 for q in qrels.values() for g in q.values()):
+        raise ValueError(f"{next(iter(where.values()), queries_file)}: no relevant document in the judgments")
+    return qrels
+
+
+def read_qrels_tsv(path) -> tuple[dict[str, dict[str, int]], dict]:
+    """BEIR qrels: `query-id \\t corpus-id \\t score`, with or without a header line -> (qrels, where each
+    judgment was read)."""
     qrels: dict[str, dict[str, int]] = {}
+    where = {}
     for i, line in read_lines(path):
         if not line.strip():
             continue
@@ -211,18 +245,20 @@ def read_qrels_tsv(path) -> dict[str, dict[str, int]]:
                 continue
             raise ValueError(f"{path}:{i}: score {score!r} is not an integer") from None
         qrels.setdefault(qid, {})[did] = rel
-    return qrels
+        where[qid, did] = f"{path}:{i}"
+    return qrels, where
 
 
 def read_beir(folder: str | os.PathLike, split: str = "test"):
     """A BEIR-format folder -> (corpus {id: "title text"}, queries {id: text}, qrels {qid: {did: grade}})."""
     folder = Path(folder)
     corpus = {}
-    for row in read_jsonl_docs(folder / "corpus.jsonl"):
+    for _, row in read_jsonl_docs(folder / "corpus.jsonl"):
         title = row.get("title") or ""
         corpus[str(row["_id"])] = (title + " " + row["text"]).strip()
-    queries = {str(row["_id"]): row["text"] for row in read_jsonl_docs(folder / "queries.jsonl")}
-    qrels = read_qrels_tsv(folder / "qrels" / f"{split}.tsv")
+    queries = {str(r["_id"]): sentence(r["text"], w) for w, r in read_jsonl_docs(folder / "queries.jsonl")}
+    qrels, where = read_qrels_tsv(folder / "qrels" / f"{split}.tsv")
+    check_qrels(qrels, where, corpus, queries, folder / "corpus.jsonl", folder / "queries.jsonl")
     return corpus, queries, qrels
 
 
@@ -273,7 +309,7 @@ def read_cranfield(folder: str | os.PathLike, graded: bool = True):
     corpus = {rid: f.get("W") or f.get("T", "") for rid, f in read_smart(folder / "cran.all.1400")}
     queries = {str(pos): f.get("W", "") for pos, (_, f) in enumerate(read_smart(folder / "cran.qry"), 1)}
     qrels: dict[str, dict[str, int]] = {}
-    path = folder / "cranqrel"
+    path, where = folder / "cranqrel", {}
     for i, line in read_lines(path):
         if not line.strip():
             continue
@@ -290,6 +326,8 @@ def read_cranfield(folder: str | os.PathLike, graded: bool = True):
             qrels.setdefault(str(qnum), {})[str(did)] = cranfield_gain(code, graded)
         except ValueError as e:
             raise ValueError(f"{path}:{i}: {e}") from None
+        where[str(qnum), str(did)] = f"{path}:{i}"
+    check_qrels(qrels, where, corpus, queries, folder / "cran.all.1400", folder / "cran.qry")
     return corpus, queries, qrels
 
 

@@ -134,6 +134,18 @@ class Objective:
         """One micro-batch's loss; `forward` is the model to call (DDP / compiled wrapper); `gather`: over ranks."""
         raise NotImplementedError
 
+    @torch.no_grad()
+    def eval_loss(self, examples, micro_batch_size: int, max_batches: int) -> float:
+        """The loss on the first micro-batches of held-out examples (step -1: the same MNTP masks every
+        time), on one rank, per loss term."""
+        total, count, mb = 0.0, 0, micro_batch_size
+        for k in range(min(len(examples) // mb, max_batches)):
+            (m,) = self.micro_batches(examples, list(range(k * mb, (k + 1) * mb)), [list(range(mb))], -1)
+            with self.amp():
+                total += self.loss(self.model, m.inputs, gather=False).item()
+            count += m.terms
+        return total / max(count, 1)
+
     def backward(self, forward, micro: list[MicroBatch]) -> torch.Tensor:
         """One step's gradients: forward and backward per micro-batch, DDP syncing on the last only. Each
         loss is divided by the terms of the whole global batch (summed over ranks, / world: DDP averages),

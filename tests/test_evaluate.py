@@ -130,9 +130,9 @@ def test_read_sts_year_drops_unscored_and_reads_sts16(tmp_path):
     assert s1 == ["a1", "b1", "b5"] and s2 == ["a2", "b2", "b6"] and gold.tolist() == [5.0, 4.2, 1.0]
 
     d16 = tmp_path / "STS16-en-test"
-    write(d16 / "STS2016.input.headlines.txt", "h1\th2\tsource 1\tsource 2\nh3\th4\tsrc\tsrc\n")
-    write(d16 / "STS2016.gs.headlines.txt", "\n3\n")
-    assert harness.read_sts_year(d16) == (["h3"], ["h4"], pytest.approx(np.array([3.0])))
+    write(d16 / "STS2016.input.headlines.txt", "h1\th2\tsource 1\tsource 2\nh3\th4\tsrc\tsrc\nh5\th6\ts\ts\n")
+    write(d16 / "STS2016.gs.headlines.txt", "\n3\n1\n")
+    assert harness.read_sts_year(d16) == (["h3", "h5"], ["h4", "h6"], pytest.approx(np.array([3.0, 1.0])))
 
 
 def test_read_sts_year_errors(tmp_path):
@@ -364,3 +364,27 @@ def test_real_retrieval_counts():
     for name, n_judged in [("msmarco-subset", 43), ("dbpedia-subset", 40)]:
         corpus, queries, qrels = harness.TASKS[name].load(DATA)
         assert len(corpus) == 5000 and len(queries) == 50 and len(qrels) == n_judged
+
+
+@pytest.mark.parametrize("content,words", [
+    ("g\tf\ty\t0\t5\ta b\t  \ng\tf\ty\t1\t1\tc\td\n", ["sts-dev.csv:1", "sentence is empty"]),
+    ("g\tf\ty\t0\tnan\ta\tb\ng\tf\ty\t1\t1\tc\td\n", ["sts-dev.csv:1", "not a finite number"]),
+    ("\n\n", ["sts-dev.csv", "no scored pairs"]),
+    ("g\tf\ty\t0\t2\ta\tb\ng\tf\ty\t1\t2\tc\td\n", ["every gold score is 2.0", "undefined"]),
+])
+def test_sts_sets_whose_metric_cannot_be_computed_are_refused(tmp_path, content, words):
+    path = write(tmp_path / "sts-dev.csv", content)
+    with pytest.raises(ValueError) as e:
+        harness.read_stsb(path)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_judgments_must_name_known_documents_and_queries(tmp_path):
+    root = beir_folder(tmp_path, header=True)
+    qrels = root / "qrels" / "test.tsv"
+    qrels.write_text(qrels.read_text() + "q1\tnope\t1\n")
+    with pytest.raises(ValueError, match=r"test.tsv:\d+: document 'nope' is not in .*corpus.jsonl"):
+        harness.read_beir(root)
+    qrels.write_text("query-id\tcorpus-id\tscore\nq9\td1\t1\n")
+    with pytest.raises(ValueError, match=r"test.tsv:2: query 'q9' is not in .*queries.jsonl"):
+        harness.read_beir(root)

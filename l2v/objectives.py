@@ -19,15 +19,20 @@ def num_targets(labels: torch.Tensor) -> torch.Tensor:
 
 
 def mntp_loss(hidden: torch.Tensor, labels: torch.Tensor, head_weight: torch.Tensor,
-              normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
+              normalizer: float | torch.Tensor | None = None,
+              logit_softcap: float | None = None) -> torch.Tensor:
     """Masked next-token prediction: sum of float32 cross-entropies / normalizer. hidden (B, T, D),
     labels (B, T) = the original id where masked, else -100; head_weight (V, D). The head runs only on
     the ~20% of positions that predict a masked token (full logits would outweigh the rest of the step).
     normalizer: default the scored tokens of THIS batch; with accumulation or DDP, the GLOBAL count over
-    micro-batches and ranks / world size (DDP averages gradients), so every masked token weighs the same."""
+    micro-batches and ranks / world size (DDP averages gradients), so every masked token weighs the same.
+    logit_softcap: the model's final-logit soft-capping (Gemma 2: `ModelConfig.final_softcap`), cap * tanh(
+    logits / cap), which its LM head was trained with."""
     targets = labels[:, 1:]  # (B, T-1): the label predicted by each output position 0..T-2
     sel = targets != -100
     logits = F.linear(hidden[:, :-1][sel], head_weight).float()  # (N, V), N = number of scored tokens
+    if logit_softcap is not None:
+        logits = torch.tanh(logits / logit_softcap) * logit_softcap
     loss = F.cross_entropy(logits, targets[sel], reduction="sum")
     if normalizer is None:
         normalizer = sel.sum().clamp(min=1)

@@ -62,7 +62,8 @@ OPTIONS = {
     "lora_layers": ([], "layer numbers that get LoRA (empty = all); the backward stops below the lowest", None),
     "max_seq_length": (512, "MNTP block length; contrastive: tokens per text", ">=2"),
     "mask_probability": (0.2, "MNTP: share of tokens masked", "in (0, 1)"),
-    "mask_token": ("blank", "MNTP mask token: '_' (upstream's) or EOS", ("blank", "eos")),
+    "mask_token": ("auto", "MNTP mask token: auto = the tokenizer's own (Gemma's <mask>) else '_' (upstream)",
+                   ("auto", "blank", "eos")),
     "mask_mode": ("80_10_10", "MNTP masking", ("80_10_10", "all_mask")),
     "attention_dropout": (0.0, "attention dropout (SimCSE: 0.3)", "in [0, 1)"),
     "pooling": ("mean", "contrastive pooling", POOLING_MODES),
@@ -179,7 +180,8 @@ def contrastive_micro_batches(ctx, data, global_idx, positions):
 
 def mntp_step_loss(ctx, model, inputs, gather):
     ids, labels = (t.to(ctx["device"]) for t in inputs)
-    return mntp_loss(model(ids), labels, ctx["model"].lm_head_weight, normalizer=1.0)
+    return mntp_loss(model(ids), labels, ctx["model"].lm_head_weight, normalizer=1.0,
+                     logit_softcap=ctx["model"].config.final_softcap)
 
 
 def contrastive_step_loss(ctx, model, inputs, gather):

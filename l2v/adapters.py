@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .checkpoint import TOKENIZER_FILES, read_json, save_model_with
+from .checkpoint import TOKENIZER_FILES, hf_name_to_l2v, read_json, save_model_with
 from .lora import LoRALinear, freeze_all_but_lora, layer_of, lora_modules, merge_lora, set_module
 
 PREFIX = "base_model.model."
@@ -146,10 +146,13 @@ def read_adapter(folder: str | os.PathLike, model: nn.Module) -> tuple[dict, dic
     except Exception as e:  # safetensors raises its own error type for truncated or garbled files
         raise ValueError(f"{weights_path}: cannot be read as safetensors ({e})") from None
     found, unexpected = {}, []
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
     for key, t in tensors.items():
         # base_model.model.[model.]<path>.lora_<A|B>[.default].weight; `model.` when saved from *ForCausalLM.
         m = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])(?:\.default)?\.weight", key)
-        path = m and (m[1] if m[1] in linears else m[1].removeprefix("model."))
+        path = m and (m[1] if m[1] in linears else hf_name_to_l2v(m[1], model_type))
+        if m and path is None:
+            continue  # multimodal Gemma 3: the vision tower's adapter (l2v runs the language model only)
         if not m or path not in linears:
             unexpected.append(key)
             continue

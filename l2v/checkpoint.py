@@ -73,16 +73,200 @@ def read_json(path: str | os.PathLike) -> dict:
         raise ValueError(f"{path}: JSON nested too deeply to read") from None
 
 
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                 "gemma3_text": "Gemma3ForCausalLM"}
+GEMMA3 = ("gemma3_text", "gemma3")  # "gemma3": multimodal, of which l2v runs the language model
+GEMMA_2_3 = ("gemma2", *GEMMA3)
+# What transformers' Gemma3TextConfig assumes for a key that a file leaves out: multimodal Gemma 3 files
+# hold their text_config as the difference from these defaults (often just the sizes that differ).
+GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262_208, hidden_size=2304, intermediate_size=9216,
+                            num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                            max_position_embeddings=131_072)
+
+
+def _positive(hf: dict, key: str, default, source: str):
+    """hf[key] (or `default` when absent) as a positive number or None."""
+    value = hf.get(key, default)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+        raise ValueError(f"{source}: {key} must be a positive number or null, got {value!r}")
+    return value
+
+
+def _rope(hf: dict, source: str, default_theta: float) -> tuple[float, dict | None, float | None]:
+    """(theta, scaling or None, local layers' theta or None) from the flat keys of transformers 4
+    (rope_theta, rope_scaling; Gemma 3's rope_local_base_freq) or transformers 5's `rope_parameters`
+    (one dict, or for Gemma 3 one per layer type). Scaling applies to global layers only."""
+    params, local = dict(hf.get("rope_parameters") or {}), None
+    if "full_attention" in params or "sliding_attention" in params:
+        local, params = dict(params.get("sliding_attention") or {}), dict(params.get("full_attention") or {})
+        if local.get("rope_type", "default") != "default":
+            raise ValueError(f"{source}: unsupported rope_parameters.sliding_attention type "
+                             f"{local['rope_type']!r}; l2v scales the global layers' RoPE only")
+    theta = float(hf.get("rope_theta", params.get("rope_theta", default_theta)))
+    rope = dict(hf.get("rope_scaling") or {})
+    if not rope and params.get("rope_type", "default") != "default":
+        rope = {k: v for k, v in params.items() if k != "rope_theta"}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in SUPPORTED_ROPE_TYPES:
+        key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+        raise ValueError(f"{source}: unsupported {key} type {kind!r}; l2v supports {SUPPORTED_ROPE_TYPES}")
+    local_theta = None
+    if hf.get("model_type") in GEMMA3:
+        local_theta = float(hf.get("rope_local_base_freq", (local or {}).get("rope_theta", 10000.0)))
+    return theta, None if kind == "default" else {**rope, "rope_type": kind}, local_theta
+
+
+def _layer_types(hf: dict, mt: str, n_layers: int, source: str) -> list[str] | None:
+    """Which layers are local (sliding window): the file's `layer_types`, else the family's rule as
+    transformers derives it; None = every layer (Mistral)."""
+    types = hf.get("layer_types")
+    if types is None:
+        if mt == "gemma2":  # even layers local
+            return ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]
+        if mt in GEMMA3:  # every pattern-th layer global
+            pattern = hf.get("sliding_window_pattern", 6)
+            if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern < 1:
+                raise ValueError(f"{source}: sliding_window_pattern must be a positive integer, "
+                                 f"got {pattern!r}")
+            return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)]
+        if mt in ("qwen2", "qwen3"):  # the layers from max_window_layers on
+            first = hf.get("max_window_layers", 28)
+            return ["sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]
+        return None
+    if not isinstance(types, list) or len(types) != n_layers:
+        raise ValueError(f"{source}: layer_types must be a list of num_hidden_layers ({n_layers}) entries")
+    unknown = sorted({t for t in types if t not in LAYER_TYPES}, key=str)
+    if unknown:
+        raise ValueError(f"{source}: unsupported layer_types entries {unknown}; l2v supports {LAYER_TYPES}")
+    return list(types)
+
+
+def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
+    """Map an HF config.json, as the hub and transformers 4 or 5 write it, to a ModelConfig; what l2v
+    cannot run faithfully is one ValueError naming the file and the key."""
+    mt = hf.get("model_type")
+    if mt not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"{source}: unsupported model_type {mt!r}; l2v supports {SUPPORTED_MODEL_TYPES}")
+    if mt == "gemma3":
+        if not isinstance(hf.get("text_config"), dict):
+            raise ValueError(f"{source}: model_type 'gemma3' needs a text_config object (the language model)")
+        # The LM head is tied (or not) by the outer model's key, as transformers' multimodal Gemma 3 ties it.
+        tied = hf.get("tie_word_embeddings", True)
+        hf = {**GEMMA3_TEXT_DEFAULTS, **hf["text_config"], "model_type": mt, "tie_word_embeddings": tied}
+        source = f"{source}: text_config"
+    gemma = mt.startswith("gemma")
+    if mt in GEMMA_2_3:
+        act_key, act = "hidden_activation", hf.get("hidden_activation") or "gelu_pytorch_tanh"
+    elif gemma:  # the first releases say "gelu" and mean the tanh form (so transformers reads it)
+        act_key = "hidden_activation" if hf.get("hidden_activation") else "hidden_act"
+        act = hf.get(act_key) or "gelu_pytorch_tanh"
+        act = "gelu_pytorch_tanh" if act == "gelu" else act
+    else:
+        act_key, act = "hidden_act", hf.get("hidden_act", "silu")
+    supported = "gelu_pytorch_tanh" if gemma else "silu"  # what each family's checkpoints were trained with
+    if act != supported:
+        raise ValueError(f"{source}: unsupported {act_key} {act!r}; l2v runs {mt} with {supported!r}")
+    try:
+        dim, n_heads, n_layers = hf["hidden_size"], hf["num_attention_heads"], hf["num_hidden_layers"]
+        head_dim = hf.get("head_dim")
+        if not head_dim and (gemma or mt == "qwen3"):
+            raise ValueError(f"{source}: missing head_dim ({mt}: not hidden_size / num_attention_heads)")
+        cfg = ModelConfig(vocab_size=hf["vocab_size"], dim=dim, n_layers=n_layers, n_heads=n_heads,
+                          n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+                          head_dim=head_dim or dim // n_heads,
+                          intermediate_size=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
+                          max_position_embeddings=hf.get("max_position_embeddings", 4096), act=act,
+                          tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)), model_type=mt,
+                          attention_dropout=float(hf.get("attention_dropout", 0.0) or 0.0), extra=dict(hf))
+    except KeyError as e:
+        raise ValueError(f"{source}: missing required key {e.args[0]!r}") from None
+    cfg.rope_theta, cfg.rope_scaling, cfg.local_rope_theta = _rope(hf, source, 1e6 if mt in GEMMA3 else 1e4)
+    if mt == "qwen2":
+        cfg.qkv_bias = True
+    else:
+        cfg.qkv_bias = cfg.o_bias = bool(hf.get("attention_bias", False))
+        cfg.mlp_bias = bool(hf.get("mlp_bias", False))
+    # Windows: Mistral's on every layer; Qwen's only with use_sliding_window; Gemma 2/3's on local layers.
+    if mt == "mistral" or (mt in ("qwen2", "qwen3") and hf.get("use_sliding_window", False)):
+        cfg.sliding_window = _positive(hf, "sliding_window", None, source)
+    elif mt in GEMMA_2_3:
+        cfg.sliding_window = _positive(hf, "sliding_window", 4096, source)
+    if mt != "mistral":  # transformers' Mistral has one kind of layer, whatever the file says
+        cfg.layer_types = _layer_types(hf, mt, n_layers, source)
+    cfg.qk_norm = mt in ("qwen3", *GEMMA3)
+    if gemma:
+        cfg.embed_scale = cfg.norm_offset = True
+        cfg.is_causal = not hf.get("use_bidirectional_attention")  # EmbeddingGemma sets it
+    if mt in GEMMA_2_3:
+        cfg.sandwich_norms = cfg.bidirectional_window = True
+        cfg.query_pre_attn_scalar = _positive(hf, "query_pre_attn_scalar", 256, source)
+        cfg.final_softcap = _positive(hf, "final_logit_softcapping", 30.0 if mt == "gemma2" else None, source)
+    if mt == "gemma2":  # transformers' Gemma 3 reads attn_logit_softcapping but never applies it
+        cfg.attn_softcap = _positive(hf, "attn_logit_softcapping", 50.0, source)
+    return cfg
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    """An HF config.json dict: the original keys, updated with ours, that transformers and `config_from_hf`
+    read back to the same model. RoPE goes in the flat keys that every transformers version reads; a
+    multimodal Gemma 3 is written as its language model alone (`gemma3_text`)."""
+    hf = {k: v for k, v in cfg.extra.items() if k != "rope_parameters"}
+    mt = "gemma3_text" if cfg.model_type == "gemma3" else cfg.model_type
+    hf.update(model_type=mt, vocab_size=cfg.vocab_size, hidden_size=cfg.dim, num_hidden_layers=cfg.n_layers,
+              num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+              intermediate_size=cfg.intermediate_size, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+              rope_scaling=cfg.rope_scaling, max_position_embeddings=cfg.max_position_embeddings,
+              tie_word_embeddings=cfg.tie_word_embeddings)
+    hf["hidden_activation" if mt in GEMMA_2_3 else "hidden_act"] = cfg.act
+    hf.setdefault("architectures", [ARCHITECTURES[mt]])
+    if mt == "llama":
+        hf.update(attention_bias=cfg.o_bias, mlp_bias=cfg.mlp_bias)
+    if mt in ("mistral", "qwen2", "qwen3") or mt in GEMMA_2_3:
+        hf["sliding_window"] = cfg.sliding_window
+    if mt in ("qwen2", "qwen3"):
+        hf["use_sliding_window"] = cfg.sliding_window is not None
+    if cfg.layer_types is not None:
+        hf["layer_types"] = cfg.layer_types
+    if mt in GEMMA_2_3:
+        hf.update(query_pre_attn_scalar=cfg.query_pre_attn_scalar, final_logit_softcapping=cfg.final_softcap)
+    if mt == "gemma2":
+        hf["attn_logit_softcapping"] = cfg.attn_softcap
+    if cfg.local_rope_theta is not None:
+        hf["rope_local_base_freq"] = cfg.local_rope_theta
+    return hf
+
+
 def load_config(folder: str | os.PathLike) -> ModelConfig:
     path = Path(folder) / "config.json"
     hf = read_json(path)
     if not isinstance(hf, dict):
         raise ValueError(f"{path}: expected a JSON object, got a {type(hf).__name__}")
-    return ModelConfig.from_hf(hf, source=str(path))
+    return config_from_hf(hf, source=str(path))
 
 
 def l2v_key_to_hf(key: str) -> str:
     return key if key.startswith("lm_head.") else "model." + key
+
+
+# Multimodal Gemma 3 files keep the language model under one of two prefixes (transformers writes the first,
+# its modules are named by the second); l2v does not read the vision tower and its projector.
+TEXT_PREFIXES = ("language_model.model.", "model.language_model.")
+VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                   "model.multi_modal_projector.")
+
+
+def hf_name_to_l2v(name: str, model_type: str) -> str | None:
+    """An HF tensor or module name -> l2v's (HF's minus `model.`); None: multimodal Gemma 3's vision part."""
+    if model_type == "gemma3":
+        if name.startswith(VISION_PREFIXES):
+            return None
+        name = next((name[len(p):] for p in TEXT_PREFIXES if name.startswith(p)), name)
+        name = name.removeprefix("language_model.")  # language_model.lm_head.weight
+    return name.removeprefix("model.")
 
 
 def consecutive_groups(items: list, size, limit: int) -> list[list]:
@@ -173,28 +357,30 @@ def load_model(folder: str | os.PathLike, dtype="float32", device="cpu", is_caus
         cfg.attention_dropout = attention_dropout
     model = meta_model(cfg)
     expected = model.state_dict()
-    state, origin = {}, {}
+    state, origin, hf_keys = {}, {}, {}
     for path in weight_files(folder):
         for hf_key, t in read_safetensors(path, dtype):
-            key = hf_key.removeprefix("model.")  # HF names minus `model.`
-            if key == "lm_head.weight" and cfg.tie_word_embeddings:
-                continue  # some tied checkpoints store a redundant copy of the embedding
+            key = hf_name_to_l2v(hf_key, cfg.model_type)
+            if key is None or (key == "lm_head.weight" and cfg.tie_word_embeddings):
+                continue  # a vision tower, or a tied checkpoint's redundant copy of the embedding
             if key in state:
                 raise ValueError(f"{path}: tensor {hf_key!r} also in {origin[key]}")
             if key in expected and t.shape != expected[key].shape:
                 raise ValueError(f"{path}: tensor {hf_key!r} has shape {tuple(t.shape)}, "
                                  f"config.json implies {tuple(expected[key].shape)}")
             state[key] = t.to(device)
-            origin[key] = path.name
+            origin[key], hf_keys[key] = path.name, hf_key
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         def show(keys):
-            return ", ".join(l2v_key_to_hf(k) for k in keys[:20]) + (" ..." if len(keys) > 20 else "")
+            names = [hf_keys.get(k, l2v_key_to_hf(k)) for k in keys]  # the file's own names where known
+            return ", ".join(names[:20]) + (" ..." if len(names) > 20 else "")
         raise ValueError(f"{folder}: weights do not match config.json: "
                          f"{len(missing)} missing [{show(missing)}]; {len(unexpected)} unexpected [{show(unexpected)}]")
     model.load_state_dict(state, strict=True, assign=True)
-    model.inv_freq = model.inv_freq.to(device)
+    for name, buf in model.named_buffers(recurse=False):  # RoPE's inverse frequencies, built on the CPU
+        setattr(model, name, buf.to(device))
     return model.eval()
 
 
@@ -221,7 +407,7 @@ def save_model(model: Transformer, folder: str | os.PathLike, dtype=None, max_sh
     dtype = resolve_dtype(dtype) if dtype is not None else None
     tensors = {l2v_key_to_hf(k): (v.to(dtype) if dtype else v).detach().contiguous().cpu()
                for k, v in model.state_dict().items()}
-    hf = model.config.to_hf()
+    hf = config_to_hf(model.config)
     hf["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     with open(folder / "config.json", "w") as f:
         json.dump(hf, f, indent=2)

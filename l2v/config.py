@@ -75,7 +75,8 @@ class TrainConfig:
     )
     max_seq_length: int = opt(512, "MNTP block length; contrastive: tokens per text", ">=2")
     mask_probability: float = opt(0.2, "MNTP: share of tokens masked", "in (0, 1)")
-    mask_token: str = opt("blank", "MNTP mask token: '_' (upstream's) or EOS", ("blank", "eos"))
+    mask_token: str = opt("blank", "MNTP mask token: '_' (upstream's), EOS, or auto: the tokenizer's own "
+                          "(Gemma's <mask>) else '_'", ("blank", "eos", "auto"))
     mask_mode: str = opt("80_10_10", "MNTP masking", ("80_10_10", "all_mask"))
     attention_dropout: float = opt(0.0, "attention dropout (SimCSE: 0.3)", "in [0, 1)")
     pooling: str = opt("mean", "contrastive pooling", POOLING_MODES)

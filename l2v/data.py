@@ -153,10 +153,15 @@ def mntp_blocks(tokenizer, texts: Sequence[str], block_size: int, chunk: int = 1
     return torch.from_numpy(flat[: n * block_size].reshape(n, block_size).copy())  # (N, block_size)
 
 
-def mask_token_id(tokenizer, kind: str = "blank") -> int:
-    """The token that replaces masked inputs: "blank" = the existing "_" (upstream's default for Llama,
-    Mistral), or "eos". Upstream can also add a new "<mask>" row to the embeddings; l2v does not: it would
-    be untrained, unsaved by a LoRA-only adapter, and change the published base model's vocabulary."""
+def mask_token_id(tokenizer, kind: str = "auto") -> int:
+    """The token that replaces masked inputs. "auto": upstream's rule, the tokenizer's own mask token when it
+    has one (declared in its files, or the `<mask>` of Gemma's vocabulary, which transformers declares for
+    it), else "blank"; "blank" = the existing "_" (upstream's default for Llama, Mistral, Qwen); "eos".
+    Upstream can also add a new "<mask>" row to the embeddings; l2v does not: it would be untrained,
+    unsaved by a LoRA-only adapter, and change the published base model's vocabulary."""
+    if kind == "auto":
+        tid = tokenizer.mask_id if tokenizer.mask_id is not None else tokenizer.token_id("<mask>")
+        return tid if tid is not None else mask_token_id(tokenizer, "blank")
     if kind == "blank":
         tid = tokenizer.token_id("_")
         if tid is None:
@@ -166,7 +171,7 @@ def mask_token_id(tokenizer, kind: str = "blank") -> int:
         if tokenizer.eos_id is None:
             raise ValueError('mask token "eos": this tokenizer has no EOS token; use kind="blank"')
         return tokenizer.eos_id
-    raise ValueError(f"unknown mask token kind {kind!r}: expected blank or eos")
+    raise ValueError(f"unknown mask token kind {kind!r}: expected auto, blank or eos")
 
 
 def mask_tokens(input_ids: torch.Tensor, *, mask_id: int, special_ids: Sequence[int], vocab_size: int,

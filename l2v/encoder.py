@@ -137,9 +137,12 @@ def missing_template_tokens(name: str, tokenizer: Tokenizer) -> list[str]:
 def eos_suffix_for(model_type: str, tokenizer: Tokenizer) -> str:
     """What eos_token pooling appends: upstream's literal " </s>" for Llama/Mistral configs (three ordinary
     tokens in vocabularies without `</s>`, e.g. Llama 3 and SmolLM2, but what the published models were
-    evaluated with), Qwen2's <|endoftext|>, Llama-3 base's <|end_of_text|> (upstream matched it by name)."""
-    if model_type == "qwen2":
+    evaluated with), Qwen2's <|endoftext|>, Gemma's <eos>, Llama-3 base's <|end_of_text|> (upstream matched
+    it by name). Qwen3 and Gemma 2/3, which upstream does not know, get their family's."""
+    if model_type in ("qwen2", "qwen3"):
         return "<|endoftext|>"
+    if model_type.startswith("gemma"):
+        return "<eos>"
     if tokenizer.eos_token == "<|end_of_text|>":
         return "<|end_of_text|>"
     return " </s>"

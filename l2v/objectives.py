@@ -38,15 +38,19 @@ def mntp_loss(
     labels: torch.Tensor,
     head_weight: torch.Tensor,
     normalizer: float | torch.Tensor | None = None,
+    logit_softcap: float | None = None,
 ) -> torch.Tensor:
     """Masked next-token prediction: sum of float32 cross-entropies / normalizer. hidden (B, T, D),
     labels (B, T) = the original id where masked, else -100; head_weight (V, D). The head runs only on
     the ~20% of positions that predict a masked token (full logits would outweigh the rest of the step).
     normalizer: default the scored tokens of THIS batch; with accumulation or DDP, the GLOBAL count over
-    micro-batches and ranks / world size (DDP averages gradients), so every masked token weighs the same."""
+    micro-batches and ranks / world size (DDP averages gradients), so every masked token weighs the same.
+    logit_softcap: the final-logit soft-capping the head was trained with (Gemma 2), cap * tanh(logits / cap)."""
     targets = labels[:, 1:]  # (B, T-1): the label predicted by each output position 0..T-2
     sel = targets != -100
     logits = F.linear(hidden[:, :-1][sel], head_weight).float()  # (N, V), N = number of scored tokens
+    if logit_softcap is not None:
+        logits = torch.tanh(logits / logit_softcap) * logit_softcap
     loss = F.cross_entropy(logits, targets[sel], reduction="sum")
     if normalizer is None:
         normalizer = sel.sum().clamp(min=1)
@@ -197,7 +201,8 @@ class MNTP(Objective):
 
     def loss(self, forward, inputs, gather):
         ids, labels = (t.to(self.device) for t in inputs)
-        return mntp_loss(forward(ids), labels, self.model.lm_head_weight, normalizer=1.0)
+        head, cap = self.model.lm_head_weight, self.model.config.final_softcap
+        return mntp_loss(forward(ids), labels, head, normalizer=1.0, logit_softcap=cap)
 
 
 # ----------------------------------------------------------------------------- contrastive

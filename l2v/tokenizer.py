@@ -28,10 +28,11 @@ class Tokenizer:
         self.tok.no_padding()
         cfg, smap = ({} if not (folder / f).is_file() else read_json(folder / f)
                      for f in ("tokenizer_config.json", "special_tokens_map.json"))
-        names = {n: _content(smap.get(n)) or _content(cfg.get(n)) for n in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        names = {n: _content(smap.get(n)) or _content(cfg.get(n))
+                 for n in ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token")}
         self.bos_token, self.eos_token = names["bos_token"], names["eos_token"]
         self.bos_id, self.eos_id = self.token_id(self.bos_token), self.token_id(self.eos_token)
-        self.unk_id = self.token_id(names["unk_token"])
+        self.unk_id, self.mask_id = self.token_id(names["unk_token"]), self.token_id(names["mask_token"])
         # No pad token (Llama, Mistral): pad with EOS, as upstream llm2vec does. Pads are masked anyway.
         self.pad_id = self.token_id(names["pad_token"])
         if self.pad_id is None:

@@ -105,3 +105,13 @@ def test_against_alternates_and_reports(tmp_path, monkeypatch):
     simcse, encode = result["rows"]
     assert simcse["ratio"] == pytest.approx(2.0) and simcse["met"] and simcse["target"] == "ratio >= 1.5"
     assert encode["ratio"] == pytest.approx(2.0) and len(result["results"]["this"]["simcse"]["times"]) == 6
+
+
+def test_attention_paths_smoke(tmp_path, capsys):
+    """bench/attention_paths.py runs: tiny shapes, the paths that need no compiler."""
+    import attention_paths
+    attention_paths.main(["--tokens", "16", "--heads", "2", "--kv-heads", "1", "--head-dim", "8", "--window", "4",
+                          "--reps", "1", "--paths", "sdpa,math", "--json", str(tmp_path / "a.json")])
+    rows = json.loads((tmp_path / "a.json").read_text())["rows"]
+    assert len(rows) == 8 and all("forward_backward_ms" in r for r in rows)
+    assert "| math | causal | bfloat16 |" in capsys.readouterr().out

@@ -45,7 +45,10 @@ def files(tmp_path_factory, tiny_dir, text_files):
     for name, change in {"list-config": lambda m: (m / "config.json").write_text("[]"),
                          "no-tokenizer": lambda m: (m / "tokenizer.json").unlink(),
                          "no-weights": lambda m: (m / "model.safetensors").unlink(),
-                         "truncated": lambda m: truncate(m / "model.safetensors")}.items():
+                         "truncated": lambda m: truncate(m / "model.safetensors"),
+                         "gemma-relu": lambda m: (m / "config.json").write_text(json.dumps(
+                             {**json.loads((m / "config.json").read_text()), "model_type": "gemma2",
+                              "hidden_activation": "relu"}))}.items():
         models[name] = shutil.copytree(tiny_dir, d / f"model-{name}")
         change(models[name])
     model = tiny_model()
@@ -131,6 +134,7 @@ ENCODE = [  # (argv after --model, words the message must contain)
 ENCODE_MODELS = [("{d}/no-such-model", ["no-such-model", "config.json"]), ("{d}/file", ["file", "config.json"]),
                  ("{d}/model-list-config", ["config.json", "object"]), ("{d}/model-no-tokenizer", ["tokenizer.json"]),
                  ("{d}/model-no-weights", ["model.safetensors"]), ("{d}/model-truncated", ["model.safetensors"])]
+ENCODE_MODELS.append(("{d}/model-gemma-relu", ["config.json", "unsupported hidden_activation 'relu'"]))
 
 
 @pytest.mark.parametrize("argv,words", ENCODE, ids=[" ".join(a)[:40] for a, _ in ENCODE])
@@ -207,6 +211,7 @@ TRAIN = [  # (extra argv, words the message must contain); the finished run is p
     (["--init_adapter", "{d}/adapter-truncated"], ["adapter-truncated"]),
     (["--merge_out", "{merged}"], ["--merge_out", "not empty"]),
     (["--model", "{d}/model-list-config"], ["config.json"]),
+    (["--model", "{d}/model-gemma-relu"], ["config.json", "hidden_activation 'relu'"]),
     (["--device", "cuda:7"], ["cuda"]),
 ]
 

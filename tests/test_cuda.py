@@ -89,3 +89,31 @@ def test_train_step_on_cuda_matches_cpu(tokenizer_dir, text_files, tmp_path):
         assert any(r.get("event") == "end" for r in log) and (out / "final" / "adapter_model.safetensors").is_file()
         losses[device] = next(r["loss"] for r in log if "loss" in r)
     assert np.isfinite(losses["cuda"]) and losses["cuda"] == pytest.approx(losses["cpu"], rel=1e-4), losses
+
+
+# Issue #26's families as ModelConfig switches (no transformers needed on the GPU machine).
+GEMMA = dict(act="gelu_pytorch_tanh", norm_offset=True, embed_scale=True, sandwich_norms=True, sliding_window=4,
+             layer_types=["sliding_attention", "full_attention"], bidirectional_window=True,
+             query_pre_attn_scalar=20)
+FAMILIES = {"qwen3": dict(qk_norm=True),
+            "gemma2": dict(GEMMA, attn_softcap=0.05, final_softcap=0.2),
+            "gemma3": dict(GEMMA, qk_norm=True, rope_theta=1e6, local_rope_theta=1e4,
+                           rope_scaling={"rope_type": "linear", "factor": 8.0})}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_families_cpu_vs_cuda(family):
+    """Qwen3's and Gemma 2/3's switches compute on CUDA what they compute on the CPU: Gemma 2's soft-capped
+    math path, local windows on packed rows, causal and bidirectional."""
+    model = tiny_model(**FAMILIES[family])
+    gpu = copy.deepcopy(model).cuda()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 49152, (2, 21), generator=g)
+    segments = torch.tensor([[1] * 9 + [2] * 5 + [3] * 7, [0] * 3 + [1] * 8 + [0] * 10])
+    with torch.no_grad():
+        for is_causal in (True, False):
+            for seg in (None, segments):
+                a = model(ids, seg, is_causal=is_causal)
+                b = gpu(ids.cuda(), None if seg is None else seg.cuda(), is_causal=is_causal).cpu()
+                real = torch.ones_like(ids, dtype=torch.bool) if seg is None else seg > 0
+                assert (a[real] - b[real]).abs().max().item() < 1e-4, (family, is_causal, seg is None)

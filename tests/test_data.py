@@ -142,6 +142,24 @@ def test_mask_token_id(tokenizer):
         mask_token_id(tokenizer, "nonsense")
 
 
+def test_mask_token_auto(tokenizer, tmp_path):
+    """auto, upstream's rule: the tokenizer's own mask token (declared in its files, or Gemma's `<mask>` in
+    the vocabulary), else "_" (SmolLM2 as Llama, Mistral, Qwen: no mask token)."""
+    import shutil
+    from types import SimpleNamespace
+
+    from conftest import TOKENIZER_DIR, TOKENIZER_FILES
+    from l2v.tokenizer import Tokenizer
+    assert mask_token_id(tokenizer, "auto") == mask_token_id(tokenizer) == 79
+    for f in TOKENIZER_FILES:
+        shutil.copy(TOKENIZER_DIR / f, tmp_path / f)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**cfg, "mask_token": "<|endoftext|>"}))
+    assert mask_token_id(Tokenizer(tmp_path), "auto") == 0
+    gemma_like = SimpleNamespace(mask_id=None, token_id={"<mask>": 4, "_": 235298}.get)
+    assert mask_token_id(gemma_like, "auto") == 4 and mask_token_id(gemma_like, "blank") == 235298
+
+
 # -----------------------------------------------------------------------------
 # Masking statistics
 

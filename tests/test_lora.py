@@ -331,3 +331,59 @@ def test_lora_dropout_keeps_no_extra_activations(base_dir):
         return sum(seen.values()), loss.item()
     (dropped, loss), (plain, plain_loss) = saved_bytes(0.1), saved_bytes(0.0)
     assert dropped == plain and loss != plain_loss  # the same bytes, though dropout acted
+
+
+# ---- issue #26's families: PEFT adapters interchangeable both ways --------------------------------------
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def peft_adapter(model, folder, seed=3):
+    """A PEFT LoRA on `model` (the seven projections, random A and B), saved to `folder`."""
+    peft = pytest.importorskip("peft")
+    import torch.distributed.tensor  # noqa: F401  (peft 0.21.2 on torch 2.13 needs it imported first)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS)
+    pm = peft.get_peft_model(model, cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    pm.save_pretrained(folder)
+    return pm.eval()
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gemma", "gemma2", "gemma3", "gemma3_multimodal"])
+def test_peft_round_trip_new_families(tmp_path, name):
+    """An adapter peft trains on the transformers model loads in l2v with equal outputs (merged or not), and
+    an l2v adapter loads in peft (on the bare model, as llm2vec's) with equal outputs. Multimodal Gemma 3:
+    peft also adapts the vision tower's q/k/v, which l2v skips with the tower; the text part is equal."""
+    peft = pytest.importorskip("peft")
+    from test_model_parity import hf_gemma3_multimodal, hf_model
+    hf = hf_gemma3_multimodal() if name == "gemma3_multimodal" else hf_model(name)
+    hf.save_pretrained(tmp_path / "base")
+    text_model = (lambda m: m.model.language_model) if name == "gemma3_multimodal" else (lambda m: m.model)
+    x = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    pm = peft_adapter(hf, tmp_path / "peft")
+    keys = set(load_file(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert (name != "gemma3_multimodal") or any("vision" in k for k in keys)
+    with torch.no_grad():
+        ref = text_model(pm.base_model.model)(input_ids=x).last_hidden_state
+        for merge in (True, False):
+            model = load_model(tmp_path / "base")
+            assert len(load_adapter(model, tmp_path / "peft", merge=merge)) == N_TARGETS
+            diff = (model(x, is_causal=True) - ref).abs().max().item()
+            assert diff <= TOL, (merge, diff)
+    print(f"peft -> l2v ({name}): max diff {diff:.2e}")
+
+    model = load_model(tmp_path / "base")
+    add_lora(model, r=4, alpha=12, dropout=0.05)
+    randomize(model)
+    folder = save_adapter(model, tmp_path / "ours", base_model_name_or_path="tiny")
+    base = hf_gemma3_multimodal() if name == "gemma3_multimodal" else hf_model(name)
+    with torch.no_grad():
+        ours = merge_lora(model)(x, is_causal=True)
+        theirs = peft.PeftModel.from_pretrained(text_model(base), folder).eval()
+        diff = (theirs(input_ids=x).last_hidden_state - ours).abs().max().item()
+    assert diff <= TOL, diff
+    print(f"l2v -> peft ({name}): max diff {diff:.2e}")

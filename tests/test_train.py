@@ -1,5 +1,6 @@
 """train.py end to end on a tiny random model with the real tokenizer: DDP equivalence, resume, configs."""
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -257,3 +258,25 @@ def test_gradient_checkpointing_replays_dropout_and_keeps_gradients(monkeypatch)
     assert all(g.abs().sum() > 0 for g in plain)
     other_loss, _ = step(False, seed=2)  # the dropout draws matter: another seed, another loss
     assert other_loss != plain_loss
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gemma", "gemma2", "gemma3"])
+def test_one_mntp_and_one_simcse_step_per_family(tmp_path, text_files, monkeypatch, name):
+    """train.py (in-process) on a tiny random model of each new family with the demo tokenizer: one MNTP
+    step (soft-capping its logits where the config says so) and one SimCSE step, each moving the adapter."""
+    import l2v.objectives
+    from conftest import TOKENIZER_DIR, TOKENIZER_FILES
+    from test_model_parity import CASES, hf_model
+    base = tmp_path / "base"
+    hf_model(name, vocab_size=49152).save_pretrained(base)
+    for f in TOKENIZER_FILES:
+        shutil.copy(TOKENIZER_DIR / f, base / f)
+    caps, real = [], l2v.objectives.mntp_loss
+    monkeypatch.setattr(l2v.objectives, "mntp_loss", lambda *a, **k: caps.append(k["logit_softcap"]) or real(*a, **k))
+    for objective in ("mntp", "simcse"):
+        out = tmp_path / objective
+        train.main(common_args(base, out, objective, text_files) + ["--max_steps", "1", "--batch_size", "4"])
+        (loss,) = losses(out)
+        assert math.isfinite(loss) and loss > 0
+        assert max(t.abs().max().item() for k, t in adapter(out / "final").items() if "lora_B" in k) > 0
+    assert caps == [CASES[name][2].get("final_logit_softcapping")]

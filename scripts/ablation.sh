@@ -8,7 +8,7 @@
 #        | supervised-sick | supervised-sick-eol | supervised-sick-548   (SICK-train triples: KE prompt; PromptEOL; the first set)
 #        | supervised-sick-cosent                               (supervised-sick, then CoSENT on SICK-train's graded pairs)
 #        | supervised-sick-b256                                 (supervised-sick at batch 256: needs a GPU)
-#        | bi-mntp-lr1e-3 | bi-mntp-lr1e-3-simcse | uni-simcse | bi-simcse   (session 2's rows)
+#        | bi-mntp-lr1e-3 | bi-mntp-lr1e-3-simcse | uni-simcse | bi-simcse   (Bi+MNTP at one CPU-hour; SimCSE ablations)
 # Trains what the row needs (configs/ablation/*.json, outputs in runs/ablation/) unless its adapter
 # exists, then evaluates into docs/results/ROW.json. TASKS defaults to the dev sets and the 7 STS test
 # sets; checkpoints and settings were chosen on the dev sets only. Several jobs on a 2-core CPU:
@@ -60,7 +60,7 @@ case "$row" in
                   train supervised-sick-eol && ev "${eol[@]}" --sts-instruction '' --adapter $a/supervised-sick-eol/final ;;
   supervised-sick-548) "$py" scripts/sick_triples.py --negatives contradiction --min-related 0 --out data/sick-train-triples-548.jsonl &&
                   train supervised-sick-548 && ev "${eol[@]}" --sts-instruction '' --adapter $a/supervised-sick-548/final ;;
-  # session 2: MNTP at lr 1e-3, its step-40 checkpoint chosen on STS-B dev; SimCSE 80 x 64 at 32 tokens
+  # Bi+MNTP at one CPU-hour: MNTP at lr 1e-3, its step-40 checkpoint chosen on STS-B dev; SimCSE 80 x 64 at 32 tokens
   bi-mntp-lr1e-3) train mntp-lr1e-3 && ev --pooling mean --adapter $a/mntp-lr1e-3/checkpoint-000040 ;;
   bi-mntp-lr1e-3-simcse) train mntp-lr1e-3 && train mntp-lr1e-3-simcse &&
                   ev --pooling mean --adapter $a/mntp-lr1e-3/checkpoint-000040 --adapter $a/mntp-lr1e-3-simcse/final ;;

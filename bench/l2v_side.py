@@ -47,7 +47,7 @@ def mntp(enc, spec, device, ckpt):
     return train(lambda: mntp_loss(model(ids), labels, model.lm_head_weight), params, spec, device)
 
 
-def simcse(enc, spec, device, batch=None, micro=None):
+def simcse(enc, spec, device, batch=None, micro=None, negatives="global"):
     """train.py's own SimCSE step (`l2v.objectives.SimCSE`): both views of every sentence packed, mean pooling,
     cos x 20 InfoNCE; with micro-batches, the cached step (the whole batch as negatives). Checkouts that
     predate the objective classes get the same computation written out."""
@@ -64,7 +64,8 @@ def simcse(enc, spec, device, batch=None, micro=None):
         out = train(lambda: contrastive_loss(*senc.embed(packed).chunk(2), scale=20.0), params, spec, device)
         return dict(out, n=n)
     from l2v.config import TrainConfig
-    cfg = TrainConfig(objective="simcse", batch_size=n, micro_batch_size=micro or n, max_seq_length=128, scale=20.0)
+    cfg = TrainConfig(objective="simcse", batch_size=n, micro_batch_size=micro or n, max_seq_length=128, scale=20.0,
+                      contrastive_batch=negatives)
     objective = SimCSE(cfg, enc.tokenizer)
     objective.attach(enc.model, senc, contextlib.nullcontext)  # common.train sets the autocast
     positions = [list(range(i, i + (micro or n))) for i in range(0, n, micro or n)]
@@ -77,8 +78,10 @@ FIGURES = {"encode_sts": lambda e, s, d: encode(e, s, d, "sts"),
            "encode_msmarco": lambda e, s, d: encode(e, s, d, "msmarco"),
            "mntp": lambda e, s, d: mntp(e, s, d, False), "mntp_ckpt": lambda e, s, d: mntp(e, s, d, True),
            "simcse": simcse,
-           # --cached: a plain step at the micro-batch size, the cached big batch, and the plain big batch
+           # --cached: a plain step at the micro-batch size; the big batch in micro-batches, each its own
+           # contrastive problem (upstream's accumulation) and cached; the plain big batch
            "simcse_small": lambda e, s, d: simcse(e, s, d, s["cached"][1]),
+           "simcse_micro": lambda e, s, d: simcse(e, s, d, *s["cached"], negatives="micro"),
            "simcse_cached": lambda e, s, d: simcse(e, s, d, *s["cached"]),
            "simcse_large": lambda e, s, d: simcse(e, s, d, s["cached"][0]),
            "matmul": lambda e, s, d: {"tflops": matmul_tflops(d, getattr(torch, s["autocast"] or s["weights_dtype"]),

@@ -43,9 +43,9 @@ SIZES = {  # texts per figure (0 = all), MNTP (rows, tokens), training steps aft
     "dry": dict(sts=24, msmarco=6, simcse=4, wiki=200, mntp=(2, 32), warmup=0, steps=2, repeats=1, matmul_n=64),
     # --cached: SimCSE batch 256 in micro-batches of 32 (cached) vs plain 32 and plain 256
     "cached": dict(sts=8, msmarco=1, simcse=256, wiki=0, mntp=(1, 8), warmup=1, steps=2, repeats=1, matmul_n=64,
-                   cached=(256, 32)),
+                   cached=[(256, 32), (96, 32)]),
     "cached-dry": dict(sts=8, msmarco=1, simcse=8, wiki=200, mntp=(1, 8), warmup=0, steps=1, repeats=1, matmul_n=64,
-                       cached=(8, 2))}
+                       cached=[(8, 2)])}
 FIGURES = {"cuda": ["matmul", "encode_sts", "encode_msmarco", "simcse", "mntp_ckpt", "mntp"],  # OOM-prone last
            "cpu": ["encode_sts", "encode_msmarco", "mntp", "mntp_ckpt", "simcse", "matmul"]}
 SHAPES = {"llama3-8b": dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
@@ -208,33 +208,42 @@ def rows(res: dict, targets: dict, cfg: dict, info: dict, work: Path) -> list[di
 
 
 def cached(model: Path, work: Path, data, sizes: dict, threads: int) -> dict:
-    """Issue #28: l2v's SimCSE step, each figure in its own process (peak RSS per figure), float32."""
+    """Issue #28: l2v's SimCSE step, each figure in its own process (peak RSS per figure), float32, for each
+    (batch, micro-batch) size: plain at the micro-batch size, the batch in micro-batches with per-micro-batch
+    negatives (upstream's accumulation) and cached (the whole batch as negatives), and plain at the batch."""
     info = prepare_inputs(work, data, model, sizes)
     spec = dict(sizes, model=str(model), device="cpu", threads=threads, inputs=str(work / "inputs.json"),
                 mntp=str(work / "mntp.npz"), weights_dtype="float32", autocast=None, side="l2v")
-    big, micro = sizes["cached"]
-    labels = {"simcse_small": f"plain SimCSE step, {micro} sentences x 2",
-              "simcse_cached": f"cached SimCSE step, {big} sentences x 2 in micro-batches of {micro}",
-              "simcse_large": f"plain SimCSE step, {big} sentences x 2"}
-    res = {}
-    for fig in labels:
-        res.update(run_side("l2v_side.py", dict(spec, figures=[fig], out=str(work / fig)), sys.executable, [ROOT], fig))
+    res, out = {}, []
+    for big, micro in sizes["cached"]:
+        labels = {"simcse_small": f"plain SimCSE step, {micro} sentences x 2",
+                  "simcse_micro": f"{big} sentences x 2 in micro-batches of {micro}, per-micro-batch negatives",
+                  "simcse_cached": f"{big} sentences x 2 in micro-batches of {micro}, cached",
+                  "simcse_large": f"plain SimCSE step, {big} sentences x 2"}
+        got = res[f"{big}x{micro}"] = {}
+        for fig in labels:
+            tag = f"{fig}-{big}x{micro}"
+            s = dict(spec, figures=[fig], out=str(work / tag), cached=[big, micro])
+            got.update(run_side("l2v_side.py", s, sys.executable, [ROOT], tag))
 
-    def value(fig, what):
-        try:
-            return statistics.median(res[fig]["times"]) if what == "time" else res[fig]["peak_mem_mb"]
-        except (KeyError, statistics.StatisticsError):
-            return f"failed: {res.get(fig, {}).get('error', '-')[:120]}"
-    out = [dict(fig=f, figure=f"{label}: {what}", unit="s/step" if what == "time" else "MB", l2v=value(f, what),
-                upstream=None, ratio=None, target=None, met=None)
-           for f, label in labels.items() for what in ("time", "peak memory")]
-    for key, what, ref in (("simcse_cached_mem", "peak memory", "simcse_small"),
-                           ("simcse_cached_time", "time", "simcse_large")):
-        a, b = value("simcse_cached", what), value(ref, what)
-        ratio = a / b if all(isinstance(v, float) for v in (a, b)) and b else None
-        target = TARGETS["cached"][key]
-        out.append(dict(fig=key, figure=f"cached / {labels[ref]}: {what}", unit="", l2v=ratio, upstream=None,
-                        ratio=ratio, target=target, met=None if ratio is None else ratio <= float(target.split()[2])))
+        def value(fig, what, got=got):
+            try:
+                return statistics.median(got[fig]["times"]) if what == "time" else got[fig]["peak_mem_mb"]
+            except (KeyError, statistics.StatisticsError):
+                return f"failed: {got.get(fig, {}).get('error', '-')[:120]}"
+        out += [dict(fig=f, figure=f"{label}: {what}", unit="s/step" if what == "time" else "MB",
+                     l2v=value(f, what), upstream=None, ratio=None, target=None, met=None)
+                for f, label in labels.items() for what in ("time", "peak memory")]
+        for key, what, ref in (("simcse_cached_mem", "peak memory", "simcse_small"),
+                               ("simcse_cached_mem", "peak memory", "simcse_micro"),
+                               ("simcse_cached_time", "time", "simcse_large"),
+                               ("simcse_cached_time", "time", "simcse_micro")):
+            a, b = value("simcse_cached", what), value(ref, what)
+            ratio = a / b if all(isinstance(v, float) for v in (a, b)) and b else None
+            target = TARGETS["cached"][key]
+            out.append(dict(fig=key, figure=f"cached / ({labels[ref]}): {what}", unit="", l2v=ratio,
+                            upstream=None, ratio=ratio, target=target,
+                            met=None if ratio is None else ratio <= float(target.split()[2])))
     return dict(model=str(model), inputs=info, sizes=sizes, results={"l2v": res}, rows=out)
 
 

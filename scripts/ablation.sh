@@ -25,7 +25,9 @@ prompt='This sentence : "{text}" means in one word:"'
 train() {  # one stage, skipped when its final adapter is already there
   [ -f "runs/ablation/$1/final/adapter_model.safetensors" ] || "$py" train.py --config "configs/ablation/$1.json" --progress false
 }
-ev() { "$py" eval.py --tasks "$tasks" --out "docs/results/$row.json" "$@"; }
+# Every row states its settings: --no-causal, no prompt and mean pooling unless it says otherwise (the demo
+# model folder carries encoder settings of its own, which would otherwise apply)
+ev() { "$py" eval.py --tasks "$tasks" --out "docs/results/$row.json" --no-causal --prompt "" --pooling mean "$@"; }
 a=runs/ablation
 eol=(--causal --pooling last_token --prompt "$prompt")  # PromptEOL: causal, the prompt, its last token
 # KE: PromptEOL behind a knowledge-enhancement prefix (Zhang et al. 2024, arXiv 2404.03921); read from the

@@ -35,6 +35,7 @@ from l2v.distributed import all_sum, barrier, init_distributed
 from l2v.encoder import Encoder
 from l2v.evaluation import evaluate_sts, read_stsb
 from l2v.files import write_json, write_text
+from l2v.hub import resolve
 from l2v.lora import add_lora, load_adapter, merge_lora, read_adapter, save_adapter
 from l2v.objectives import OBJECTIVES, Objective
 from l2v.settings import write_settings
@@ -243,6 +244,9 @@ def main(argv=None) -> None:
 
 def train(argv: list[str]) -> None:
     cfg = parse_config(argv)
+    # Hub ids -> their snapshot folders (l2v/hub.py); the run records the folder, whose name is the commit.
+    cfg["model"] = str(resolve(cfg["model"], "model"))
+    cfg["init_adapter"] = [str(resolve(a, "adapter")) for a in cfg["init_adapter"]]
     rank, world, device = init_distributed(cfg["device"])
     run = check_run(cfg, world)
     barrier()  # every rank has checked the output folder before rank 0 writes into it

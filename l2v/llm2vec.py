@@ -22,6 +22,7 @@ Upstream arguments l2v cannot honour (quantization, device maps over layers, ...
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -94,7 +95,7 @@ def check_kwargs(kwargs: dict) -> None:
                          "device_map, revision and attn_implementation")
 
 
-def hub_name(given, base, adapter_first: bool) -> str:
+def hub_name(given, base: Path, adapter_first: Path | None) -> str:
     """The base model's hub name as upstream saw it (`model.config._name_or_path`): an adapter repository's
     base_model_name_or_path, a hub id as given, or a local folder's config.json `_name_or_path`."""
     if adapter_first:

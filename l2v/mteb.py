@@ -95,7 +95,7 @@ class MTEBModel:
             self.encoder = Encoder.from_pretrained(model, adapters=adapters, **kwargs)
         self.instructions = {**TASK_INSTRUCTIONS, **(instructions or {})}
         self.max_batch_tokens = max_batch_tokens
-        self.calls: list[dict] = []  # one record per encode call: task, side, instruction, texts
+        self.calls: list[dict] = []  # one record per encode call: task, side, instruction, text count
         cfg = self.encoder.model.config
         self.mteb_model_meta = ModelMeta.create_empty(overwrites=dict(
             name=name or (default_name(model, adapters) if not isinstance(model, Encoder) else "l2v/encoder"),

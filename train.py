@@ -229,7 +229,7 @@ def main(argv=None) -> None:
 
 
 def train(argv: list[str]) -> None:
-    cfg = parse_config(argv)
+    cfg = parse_config(argv).local()  # hub ids -> folders: the run records the snapshot folder
     rank, world, device = init_distributed(cfg.device)
     cfg = cfg.for_world(world)
     run = check_run(cfg)

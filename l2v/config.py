@@ -107,6 +107,13 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def local(self) -> TrainConfig:
+        """Hub ids in `model` and `init_adapter` -> their snapshot folders (`l2v.hub`; downloaded if needed)."""
+        from .hub import resolve
+
+        adapters = [str(resolve(a, "adapter")) for a in self.init_adapter]
+        return replace(self, model=str(resolve(self.model, "model")), init_adapter=adapters)
+
     def for_world(self, world: int) -> TrainConfig:
         """micro_batch_size 0 resolved to batch_size / ranks (no accumulation), and the split checked."""
         mb = self.micro_batch_size or self.batch_size // world

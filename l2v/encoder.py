@@ -11,7 +11,8 @@ not pool it. Deliberate differences from upstream, none of which changes a singl
     positions: its results change with the batch size);
   - an empty text, or an instruction that leaves it no room, is an error (upstream pooled padding);
   - `prompt` (e.g. PromptEOL's 'This sentence : "{text}" means in one word:"') wraps each text;
-  - a chat template is chosen explicitly, not by the model's hub name, and stays outside the pooling.
+  - a chat template is chosen explicitly, not by the model's hub name, and stays outside the pooling
+    (`upstream_template=True`: inside, as upstream, which counts its closing tokens as the text's).
 """
 from __future__ import annotations
 
@@ -23,16 +24,25 @@ import numpy as np
 import torch
 
 from .checkpoint import load_config, load_model, meta_model, resolve_autocast, resolve_device, resolve_dtype
+from .hub import resolve_model
 from .progress import progress
 from .settings import DEFAULTS, check_chain, read_settings
 from .tokenizer import Tokenizer
 
 POOLING_MODES = ("mean", "weighted_mean", "eos_token", "last_token", "bos_token")
-# (before, after) the user turn; upstream applied these by hub name (Meta-Llama-3-8B-Instruct, Qwen2-*-Instruct).
+# (before, after) the user turn; upstream applied these by hub name (Meta-Llama-3-8B-Instruct,
+# Qwen2-*-Instruct; "mistral": Mistral-7B-Instruct-v0.2 and Llama-2-7b-chat-hf).
 CHAT_TEMPLATES = {
     "llama3": ("<|start_header_id|>user<|end_header_id|>\n\n", "<|eot_id|>"),
     "chatml": ("<|im_start|>user\n", "<|im_end|>"),  # Qwen2, SmolLM2
+    "mistral": ("[INST] ", " [/INST]"),  # plain text: "auto" cannot tell whether a model knows it
 }
+
+
+def default_batch_tokens(device: torch.device) -> int:
+    """Tokens per forward pass: on CPUs a bigger batch's activations leave the cache and encoding gets
+    slower (docs/performance.md); GPUs want big batches."""
+    return 2048 if device.type == "cpu" else 16384
 
 
 def pool_weights(mode: str, embed_mask, input_ids=None, bos_id: int | None = None) -> np.ndarray:
@@ -153,11 +163,13 @@ class Encoder:
 
     def __init__(self, model, tokenizer: Tokenizer, pooling: str = "mean", max_length: int = 512,
                  doc_max_length: int = 400, skip_instruction: bool = True, chat_template: str | None = None,
-                 eos_suffix: str = " </s>", prompt: str | None = None, autocast=None, row_tokens: int = 128):
+                 eos_suffix: str = " </s>", prompt: str | None = None, autocast=None, row_tokens: int = 128,
+                 upstream_template: bool = False):
         if pooling not in POOLING_MODES:
             raise ValueError(f"unknown pooling mode {pooling!r}; choose one of {POOLING_MODES}")
         if chat_template == "auto":  # the template whose special tokens this vocabulary has, if any
-            chat_template = next((n for n in CHAT_TEMPLATES if not missing_template_tokens(n, tokenizer)), None)
+            chat_template = next((n for n in CHAT_TEMPLATES if re.search(r"<\|", "".join(CHAT_TEMPLATES[n]))
+                                  and not missing_template_tokens(n, tokenizer)), None)
         if chat_template is not None and chat_template not in CHAT_TEMPLATES:
             raise ValueError(f"unknown chat template {chat_template!r}; choose one of {sorted(CHAT_TEMPLATES)}")
         if chat_template is not None and missing_template_tokens(chat_template, tokenizer):
@@ -172,7 +184,7 @@ class Encoder:
         self.model, self.tokenizer = model, tokenizer
         self.pooling, self.max_length, self.doc_max_length = pooling, max_length, doc_max_length
         self.skip_instruction, self.chat_template, self.eos_suffix = skip_instruction, chat_template, eos_suffix
-        self.prompt, self.row_tokens = prompt, row_tokens
+        self.prompt, self.row_tokens, self.upstream_template = prompt, row_tokens, upstream_template
         self.settings_sources: list[str] = []  # the files `from_pretrained` took settings from
         # A dtype for the matmuls (weights and residual stream keep theirs), or None.
         self.autocast = None if autocast in (None, "none") else resolve_dtype(autocast)
@@ -182,8 +194,11 @@ class Encoder:
                         pooling: str | None = None, max_length: int | None = None,
                         doc_max_length: int | None = None, skip_instruction: bool | None = None,
                         chat_template: str | None = None, prompt: str | None = None, device="auto",
-                        autocast="auto", check_inputs=None, check_adapters: bool = True) -> "Encoder":
-        """Base model, then each PEFT adapter merged in order (MNTP, then SimCSE/supervised). Settings: the
+                        autocast="auto", check_inputs=None, check_adapters: bool = True,
+                        upstream_template: bool = False) -> "Encoder":
+        """Base model, then each PEFT adapter merged in order (MNTP, then SimCSE/supervised); each a folder or
+        a Hugging Face hub id (`l2v.hub`), and a model that is itself an adapter (upstream's `...-mntp`
+        repositories) loads the base model its adapter_config.json names, then merges it first. Settings: the
         arguments, else the folders' settings files (`l2v.settings`; the last adapter's first), else
         upstream's defaults (bidirectional, mean). dtype: the weights' (bf16 halves memory); autocast: the
         matmuls' only; device and autocast "auto" as the command lines: CUDA and bf16 where available and fast.
@@ -194,10 +209,11 @@ class Encoder:
             if value is not None and not isinstance(value, bool):
                 raise TypeError(f"{name} must be True, False or None, got {value!r}")
         adapters = [adapters] if isinstance(adapters, (str, os.PathLike)) else list(adapters)
+        model_dir, adapters, tokenizer_dir = resolve_model(model_dir, adapters)
         found, sources = read_settings(model_dir, *adapters)
         cfg = {**DEFAULTS, **found}
         device, dtype = resolve_device(device), resolve_dtype(dtype)
-        model_cfg, tok = load_config(model_dir), Tokenizer(model_dir)
+        model_cfg, tok = load_config(model_dir), Tokenizer(tokenizer_dir)
 
         def pick(value, key):
             return value if value is not None else cfg[key]
@@ -205,7 +221,7 @@ class Encoder:
                   doc_max_length=pick(doc_max_length, "doc_max_length"),
                   skip_instruction=pick(skip_instruction, "skip_instruction"), chat_template=chat_template,
                   prompt=pick(prompt, "prompt") or None, eos_suffix=eos_suffix_for(model_cfg.model_type, tok),
-                  autocast=resolve_autocast(autocast, device))
+                  autocast=resolve_autocast(autocast, device), upstream_template=upstream_template)
         enc.settings_sources = sources
         meta = meta_model(model_cfg)
         for folder in adapters:
@@ -246,7 +262,13 @@ class Encoder:
             # Upstream strips its whole "head + separator + text" string before templating or
             # appending EOS: the head loses leading, the text trailing whitespace.
             head, text = head.lstrip(), text.rstrip()
-        if eos and not self.chat_template:
+        if self.upstream_template and self.chat_template:
+            # Upstream templates the whole string, then splits it at its separator: the closing tokens
+            # land in the text's part, so they are counted (pooled) and cut first by max_length.
+            # Llama-3's template returned early there: no EOS suffix after it.
+            eos_here = eos and self.chat_template != "llama3"
+            text, after = text + after + (self.eos_suffix if eos_here else ""), ""
+        elif eos and not self.chat_template:
             # Upstream appends the EOS string to the text part, so it is counted in the embed mask
             # (it does not matter for the embedding: eos_token pooling ignores the mask).
             text, after = text + self.eos_suffix, ""
@@ -264,7 +286,9 @@ class Encoder:
         # The embed mask is a COUNT from the end, not an alignment (upstream, and how the published
         # LLM2Vec models got their numbers): when the text tokenizes differently inside the string, or
         # the cut above removed its end, the window shifts onto the instruction's last tokens.
-        n_head = len(self.tokenizer.encode(before, add_special_tokens=True)) if before else 0
+        # (upstream_template: as upstream's, the window may reach into the template's opening tokens too)
+        fixed = before if not self.upstream_template else ""
+        n_head = len(self.tokenizer.encode(fixed, add_special_tokens=True)) if fixed else 0
         n = min(n, len(ids) - n_head)
         if not self.skip_instruction:
             n = len(ids)
@@ -320,14 +344,13 @@ class Encoder:
     def encode(self, inputs, max_batch_tokens: int | None = None, normalize: bool = False,
                show_progress: bool = False) -> np.ndarray:
         """Inputs (strings and/or (instruction, text) pairs) -> float32 array [N, D] in input order.
-        max_batch_tokens: tokens per forward pass; default 16384 on GPUs, 2048 on CPUs, where a bigger
-        batch's activations leave the cache and encoding gets slower (docs/performance.md)."""
+        max_batch_tokens: tokens per forward pass (default: `default_batch_tokens`)."""
         if isinstance(inputs, str):
             inputs = [inputs]
         device = self.model.embed_tokens.weight.device
         if max_batch_tokens is not None and (type(max_batch_tokens) is not int or max_batch_tokens < 1):
             raise ValueError(f"max_batch_tokens must be a positive integer, got {max_batch_tokens!r}")
-        max_batch_tokens = max_batch_tokens or (2048 if device.type == "cpu" else 16384)
+        max_batch_tokens = max_batch_tokens or default_batch_tokens(device)
         prepared = self.prepare_inputs(inputs)
         out = np.zeros((len(prepared), self.model.config.dim), dtype=np.float32)
         batches = self.batches(prepared, max_batch_tokens) if prepared else []

@@ -170,6 +170,23 @@ def test_chat_template_outside_embed_mask(tok):
     assert len(ids) == 8 and ids[-1] == tok.token_id("<|im_end|>") and sum(mask) <= 8 - 4
 
 
+def test_chat_template_as_upstream(tok):
+    """upstream_template: the template's closing tokens belong to the text (pooled, cut first), as upstream
+    split its templated string at the separator; eos_token pooling appends after them, except Llama-3's."""
+    enc = Encoder(None, tok, chat_template="chatml", upstream_template=True)
+    ids, mask = enc.prepare(" Find it:", "Hello world \n")
+    assert ids == tok.encode("<|im_start|>user\nFind it: Hello world<|im_end|>")
+    assert [i for i, m in zip(ids, mask) if m] == tok.encode(" Hello world<|im_end|>")
+    ids, mask = Encoder(None, tok, chat_template="chatml", upstream_template=True, max_length=8).prepare(
+        "", "one two three four five six seven")
+    assert ids == tok.encode("<|im_start|>user\none two three four five six seven")[:8] and sum(mask) == 8
+    enc = Encoder(None, tok, chat_template="mistral", upstream_template=True, pooling="eos_token")
+    ids, _ = enc.prepare("", "Hi")
+    assert ids == tok.encode("[INST] Hi [/INST] </s>")
+    assert Encoder(None, tok, chat_template="mistral").prepare("", "Hi")[0] == tok.encode("[INST] Hi [/INST]")
+    assert Encoder(None, tok, chat_template="auto").chat_template == "chatml"  # never the plain-text one
+
+
 # ---- encoding with a model ----
 
 @pytest.mark.parametrize("is_causal", [False, True])

@@ -36,7 +36,9 @@ CHAT_TEMPLATES = {
     "llama3": ("<|start_header_id|>user<|end_header_id|>\n\n", "<|eot_id|>"),
     "chatml": ("<|im_start|>user\n", "<|im_end|>"),  # Qwen2, SmolLM2
     "mistral": ("[INST] ", " [/INST]"),  # plain text: "auto" cannot tell whether a model knows it
+    "gemma": ("<bos><start_of_turn>user\n", "<end_of_turn>"),  # upstream's literal <bos>, after the BOS
 }
+TEMPLATE_TOKEN = r"<\|?\w+\|?>"  # a chat template's special tokens: <|im_start|>, <start_of_turn>
 
 
 def default_batch_tokens(device: torch.device) -> int:
@@ -140,8 +142,8 @@ def shorten_by_words(text: str, count_tokens, doc_max_length: int) -> str:
 
 
 def missing_template_tokens(name: str, tokenizer: Tokenizer) -> list[str]:
-    """The special tokens (<|...|>) of a chat template that this vocabulary lacks."""
-    return [t for t in re.findall(r"<\|\w+\|>", "".join(CHAT_TEMPLATES[name])) if tokenizer.token_id(t) is None]
+    """The special tokens (<|...|>, <...>) of a chat template that this vocabulary lacks."""
+    return [t for t in re.findall(TEMPLATE_TOKEN, "".join(CHAT_TEMPLATES[name])) if tokenizer.token_id(t) is None]
 
 
 def eos_suffix_for(model_type: str, tokenizer: Tokenizer) -> str:
@@ -168,7 +170,7 @@ class Encoder:
         if pooling not in POOLING_MODES:
             raise ValueError(f"unknown pooling mode {pooling!r}; choose one of {POOLING_MODES}")
         if chat_template == "auto":  # the template whose special tokens this vocabulary has, if any
-            chat_template = next((n for n in CHAT_TEMPLATES if re.search(r"<\|", "".join(CHAT_TEMPLATES[n]))
+            chat_template = next((n for n in CHAT_TEMPLATES if re.search(TEMPLATE_TOKEN, "".join(CHAT_TEMPLATES[n]))
                                   and not missing_template_tokens(n, tokenizer)), None)
         if chat_template is not None and chat_template not in CHAT_TEMPLATES:
             raise ValueError(f"unknown chat template {chat_template!r}; choose one of {sorted(CHAT_TEMPLATES)}")

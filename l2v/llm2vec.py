@@ -29,9 +29,9 @@ import torch
 from .checkpoint import read_json, resolve_device, resolve_dtype
 from .encoder import Encoder, default_batch_tokens
 from .hub import adapter_base, is_hub_id, resolve_model
-from .settings import UPSTREAM_KEYS, read_settings
+from .settings import DEFAULTS as SETTINGS, UPSTREAM_KEYS, read_settings
 
-DEFAULTS = {"pooling_mode": "mean", "max_length": 512, "doc_max_length": 400, "skip_instruction": True}
+DEFAULTS = {k: SETTINGS[k] for k in UPSTREAM_KEYS}  # upstream's four, with upstream's defaults
 # Upstream chose the chat template by the base model's hub name (LLM2Vec.prepare_for_tokenization).
 TEMPLATES_BY_NAME = {
     "meta-llama/Meta-Llama-3-8B-Instruct": "llama3",
@@ -39,6 +39,7 @@ TEMPLATES_BY_NAME = {
     "meta-llama/Llama-2-7b-chat-hf": "mistral",
     "Qwen/Qwen2-1.5B-Instruct": "chatml",
     "Qwen/Qwen2-7B-Instruct": "chatml",
+    "google/gemma-2-9b-it": "gemma",
 }
 # transformers loading arguments that change nothing here (see the module docstring).
 IGNORED = {"attn_implementation": ("sdpa", "eager", "flash_attention_2", None), "trust_remote_code": None,

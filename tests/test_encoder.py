@@ -371,3 +371,11 @@ def test_cli_seed_example(tiny_dir, capsys):
     assert emb.shape == (4, 64)
     out = capsys.readouterr().out
     assert "summit define" in out and "query 1" in out and "doc 1" in out
+
+
+def test_gemma_chat_template_needs_its_tokens(tok):
+    """Upstream's gemma-2-9b-it template; on a vocabulary without its tokens it is refused by name, and
+    "auto" does not choose it."""
+    with pytest.raises(ValueError, match=r"'gemma'.*'<bos>', '<start_of_turn>', '<end_of_turn>'"):
+        Encoder(None, tok, chat_template="gemma")
+    assert Encoder(None, tok, chat_template="auto").chat_template == "chatml"

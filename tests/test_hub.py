@@ -19,7 +19,8 @@ import train
 from l2v import LLM2Vec
 from l2v.encoder import Encoder
 from l2v.hub import resolve, resolve_model
-from l2v.lora import add_lora, save_adapter
+from l2v.adapters import save_adapter
+from l2v.lora import add_lora
 
 pytest.importorskip("huggingface_hub")
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

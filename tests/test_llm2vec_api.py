@@ -211,7 +211,8 @@ def test_unsupported_arguments(tiny_l2v_dir, kwargs, words):
 
 
 def test_extra_adapters_in_order(tiny_dir, tmp_path):
-    from l2v.lora import add_lora, merge_lora, save_adapter
+    from l2v.adapters import save_adapter
+    from l2v.lora import add_lora, merge_lora
     model, folders = tiny_model(), []
     for k in range(2):
         add_lora(model, r=4, targets=("q_proj", "v_proj"))

@@ -21,8 +21,9 @@ import numpy as np
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
-DEMO_MODEL = ROOT / "models" / "smollm2-135m-instruct"
-TOKENIZER_DIRS = (DEMO_MODEL, ROOT.parent / "shared" / "reference" / "smollm2-135m-instruct")  # after --data
+from l2v.cli import DEMO_MODEL, SHARED  # noqa: E402
+
+TOKENIZER_DIRS = (DEMO_MODEL, SHARED / "reference" / "smollm2-135m-instruct")  # after --data
 DATA_FILES = {"sts": ("sts-test.csv", "stsbenchmark/sts-test.csv"),  # a flat name, or ../shared/data's layout
               "wiki": ("wiki1m.txt", "wiki1m_subset/wiki1m_for_simcse.head11914.txt"),
               "msmarco": ("msmarco-corpus.jsonl", "retrieval/agentset_msmarco_subset/corpus.jsonl")}

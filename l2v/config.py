@@ -15,6 +15,7 @@ from .cli import DATA_DIR, DEMO_MODEL, REPO, UserError, fail
 from .encoder import POOLING_MODES
 from .lora import DEFAULT_TARGETS
 from .objectives import OBJECTIVES
+from .settings import check_prompt
 
 CHECKS = {
     ">=0": lambda v: v >= 0,
@@ -240,8 +241,7 @@ def parse_config(argv: list[str], objectives=OBJECTIVES) -> TrainConfig:
     cfg = {**DEFAULTS, **objectives[objective].defaults, **file_cfg, **flags}
     for key, value in cfg.items():
         check_value(key, value, f"--{key}" if key in flags else f"{config}: {key}")
-    if cfg["prompt"] and cfg["prompt"].count("{text}") != 1:
-        raise UserError("--prompt: needs exactly one {text} slot")
+    check_prompt(cfg["prompt"], "--prompt" if "prompt" in flags else f"{config}: prompt")
     if cfg["eval_every"] and not (cfg["eval_file"] or cfg["eval_sts_file"]):
         raise UserError("--eval_every: needs --eval_file or --eval_sts_file")
     if cfg["resume"] and cfg["overwrite"]:

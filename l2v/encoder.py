@@ -26,7 +26,7 @@ import torch
 from .checkpoint import load_config, load_model, meta_model, resolve_autocast, resolve_device, resolve_dtype
 from .hub import resolve_model
 from .progress import progress
-from .settings import DEFAULTS, check_chain, read_settings
+from .settings import DEFAULTS, check_chain, check_prompt, read_settings
 from .tokenizer import Tokenizer
 
 POOLING_MODES = ("mean", "weighted_mean", "eos_token", "last_token", "bos_token")
@@ -177,9 +177,7 @@ class Encoder:
         if chat_template is not None and missing_template_tokens(chat_template, tokenizer):
             raise ValueError(f"chat template {chat_template!r}: tokens {missing_template_tokens(chat_template, tokenizer)} "
                              "are not in this vocabulary")
-        prompt = prompt or None  # "" is no prompt
-        if prompt is not None and prompt.count("{text}") != 1:
-            raise ValueError(f"prompt {prompt!r}: needs exactly one {{text}} slot")
+        prompt = check_prompt(prompt, "prompt")
         for name, value in (("max_length", max_length), ("doc_max_length", doc_max_length), ("row_tokens", row_tokens)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")

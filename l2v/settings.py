@@ -33,6 +33,13 @@ UPSTREAM_KEYS = {"pooling_mode": str, "max_length": int, "doc_max_length": int, 
 L2V_KEYS = {"is_causal": bool, "prompt": (str, type(None))}
 
 
+def check_prompt(prompt: str | None, where: str) -> str | None:
+    """A prompt template wraps each text: exactly one {text} slot. "" and None are no prompt."""
+    if prompt and prompt.count("{text}") != 1:
+        raise ValueError(f"{where}: {prompt!r} needs exactly one {{text}} slot")
+    return prompt or None
+
+
 def adapter_sha256(folder: str | os.PathLike) -> str:
     """The identity of an adapter: the sha256 of its weights file (moving or renaming it keeps it)."""
     return sha256_file(Path(folder) / "adapter_model.safetensors")
@@ -72,9 +79,7 @@ def _checked(path: Path, keys: dict) -> dict:
     for k in set(keys) & set(cfg):
         if not isinstance(cfg[k], keys[k]) or (keys[k] is int and (isinstance(cfg[k], bool) or cfg[k] < 1)):
             raise ValueError(f"{path}: {k}: unusable value {cfg[k]!r}")
-        if k == "prompt" and cfg[k] is not None and cfg[k].count("{text}") != 1:
-            raise ValueError(f"{path}: prompt: unusable value {cfg[k]!r} (needs exactly one {{text}} slot)")
-        out[k] = cfg[k]
+        out[k] = check_prompt(cfg[k], f"{path}: prompt: unusable value") if k == "prompt" else cfg[k]
     return out
 
 

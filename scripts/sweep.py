@@ -58,7 +58,7 @@ def read_spec(path: Path) -> dict:
             raise UserError(f"{path}: variant {v['name']}: unknown config key(s) {unknown}")
         try:
             parse_config(["--config", spec["config"], *spec.get("train_args", []), *flags(v)])
-        except UserError as e:
+        except ValueError as e:  # every mistake parse_config finds (UserError is one)
             raise UserError(f"{path}: variant {v['name']}: {e}") from None
     return spec
 

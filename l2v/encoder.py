@@ -194,7 +194,7 @@ class Encoder:
         from .adapters import load_adapter, read_adapter  # written separately; only needed here
         path = (str, os.PathLike)
         if not isinstance(model_dir, path):
-            raise TypeError(f"model_dir must be a folder (str or os.PathLike), got {type(model_dir).__name__}")
+            raise TypeError(f"model_dir must be a folder path, got {type(model_dir).__name__}")
         for name, value in (("is_causal", is_causal), ("skip_instruction", skip_instruction)):
             if value is not None and not isinstance(value, bool):
                 raise TypeError(f"{name} must be True, False or None, got {value!r}")

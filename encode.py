@@ -23,6 +23,7 @@ own; the instruction is attended to but not pooled.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from l2v.cli import (
     fail,
     settings_line,
 )
-from l2v.data import field, read_lines, read_records
+from l2v.data import field, read_lines, read_records, valid_unicode
 from l2v.files import save_npy
 
 MAX_PRINTED = 16
@@ -65,6 +66,16 @@ def read_inputs(path: Path, instruction: str) -> list[tuple[str, tuple | None]]:
         (where, (field(item, where, "instruction", instruction), field(item, where, "text")))
         for where, item in read_records(path)
     ]
+
+
+def name_input(message: str, wheres: list[str] | None) -> str:
+    """An encoder's "input k: ..." with k replaced by where input k came from (--text #i, file:line); an
+    instruction that leaves no room also names the flags that decide the room."""
+    m = re.match(r"input (\d+): (.*)", message)
+    if m is None or wheres is None:
+        return message
+    flags = " (--instruction, --prompt, --max-length)" if "no room for the text" in message else ""
+    return f"{wheres[int(m[1])]}: {m[2]}{flags}"
 
 
 def cosine_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -132,8 +143,9 @@ def run(args):
         items = items if args.keep_blank_lines else [(w, x) for w, x in items if x is not None]
         if all(x is None for _, x in items):
             raise UserError(f"--file {args.file}: no texts (the file is empty or holds only blank lines)")
+        valid_unicode(args.instruction, "--instruction", "the instruction")
         for where, x in items:
-            if x is not None and not x[1].strip():
+            if x is not None and not valid_unicode(x[1], where).strip():
                 raise UserError(f"{where}: the text is empty")
         inputs = [x if x is None or x[0] else x[1] for _, x in items]  # None: a kept blank line
     if len(inputs) > MAX_PRINTED and args.out is None:
@@ -143,7 +155,10 @@ def run(args):
     if args.out is not None:
         check_out_file(args.out, "--out", ".npy")
     keep = [i for i, x in enumerate(inputs) if x is not None]
-    enc = encoder_from_args(args, check_inputs=[inputs[i] for i in keep])
+    try:
+        enc = encoder_from_args(args, check_inputs=[inputs[i] for i in keep])
+    except ValueError as e:  # "input k: ...": name the flag or file line it came from
+        raise UserError(name_input(str(e), [items[i][0] for i in keep] if not seed else None)) from None
     for folder in args.adapter:
         print(f"merged adapter {folder}")
     print(settings_line(enc), flush=True)

@@ -30,16 +30,17 @@ import torch
 from tqdm import tqdm
 
 from l2v.adapters import load_adapter, read_adapter, save_adapter, save_merged
-from l2v.checkpoint import load_config, load_model, meta_model, read_json, resolve_autocast
+from l2v.checkpoint import check_weights, load_config, load_model, meta_model, resolve_autocast
 from l2v.cli import USER_ERRORS, UserError, fail
-from l2v.config import DEFAULTS, RESUMABLE, TrainConfig, parse_config
+from l2v.config import TrainConfig, parse_config
 from l2v.data import batches, micro_batch_positions
 from l2v.distributed import all_sum, barrier, init_distributed
 from l2v.encoder import Encoder
 from l2v.evaluation import evaluate_sts, read_stsb
-from l2v.files import sha256_file, write_json, write_text
+from l2v.files import append_line, folder_write, save_torch, write_json, write_text
 from l2v.lora import add_lora
 from l2v.objectives import OBJECTIVES, Objective
+from l2v.runs import check_paths, data_identity, log_until, resumable_checkpoint
 from l2v.settings import write_settings
 from l2v.tokenizer import Tokenizer
 
@@ -57,7 +58,7 @@ class Run:
     eval_data: object
     sts: tuple | None
     ckpt: Path | None  # to resume from
-    data_sha256: str  # recorded in checkpoints: resuming on other data is refused
+    data_id: dict  # recorded in checkpoints: resuming on other data is refused
     present: list[str]  # the output folder's entries as checked
     earlier: list[Path]  # an earlier run's files, which --overwrite deletes
 
@@ -65,19 +66,22 @@ class Run:
 def check_run(cfg: TrainConfig) -> Run:
     """Read or check every file the run needs before the model loads; nothing is written."""
     mb, out = cfg.micro_batch_size, Path(cfg.output_dir)
-    model_cfg, tok = load_config(cfg.model), Tokenizer(cfg.model)
+    model_cfg = load_config(cfg.model)
+    tok = Tokenizer(cfg.model, model_cfg.vocab_size)
     objective = OBJECTIVES[cfg.objective](cfg, tok)
-    data = objective.read(cfg.train_file)
+    data = objective.load(cfg.train_file)
     groups = [r.get(objective.group_field, "") for r in data] if objective.group_field else None
     if not batches(len(data), cfg.batch_size, seed=0, groups=groups):
         raise UserError(
-            f"{cfg.train_file}: {len(data)} examples, not one batch of {cfg.batch_size} (by group)"
+            f"{cfg.train_file}: {len(data)} examples, not one batch of --batch_size {cfg.batch_size}"
+            + " (by group)" * bool(groups)
         )
-    eval_data = objective.read(cfg.eval_file) if cfg.eval_file else None
+    eval_data = objective.load(cfg.eval_file) if cfg.eval_file else None
     if eval_data is not None and len(eval_data) < mb:
         raise UserError(f"{cfg.eval_file}: {len(eval_data)} examples, fewer than one micro-batch of {mb}")
     sts = read_stsb(cfg.eval_sts_file) if cfg.eval_sts_file else None
     meta = meta_model(model_cfg)  # shapes are checked on a model that holds no weights
+    check_weights(cfg.model, meta)
     for folder in cfg.init_adapter:
         read_adapter(folder, meta)
     try:
@@ -90,15 +94,10 @@ def check_run(cfg: TrainConfig) -> Run:
         raise UserError(f"--output_dir {out}: exists and is not a folder")
     present = sorted(p for p in out.iterdir() if p.name != ".lock") if out.is_dir() else []
     earlier = [p for p in present if p.name.startswith(("checkpoint-", ".tmp-")) or p.name in RUN_FILES]
-    ours = [p.resolve() for p in [*earlier, out / "final"]]  # what this run rewrites
-    for flag, folder in [("--init_adapter", f) for f in cfg.init_adapter] + [("--merge_out", cfg.merge_out)]:
-        if folder and any(Path(folder).resolve().is_relative_to(p) for p in ours):
-            raise UserError(f"{flag} {folder}: inside this run's own files in {out} (they are rewritten)")
-    if cfg.merge_out and Path(cfg.merge_out).exists() and any(Path(cfg.merge_out).iterdir()):
-        raise UserError(f"--merge_out {cfg.merge_out}: exists and is not empty")
-    ckpt, data_sha256 = None, sha256_file(cfg.train_file)
+    check_paths(cfg, [*earlier, out / "final"])  # what this run rewrites
+    ckpt, data_id = None, data_identity(cfg.train_file)
     if cfg.resume:
-        ckpt = resumable_checkpoint(cfg, out, meta, data_sha256)
+        ckpt = resumable_checkpoint(cfg, out, meta, data_id)
     elif present and not cfg.overwrite:
         names = ", ".join(p.name for p in present[:3]) + ", ..." * (len(present) > 3)
         what = "holds an earlier run" if earlier else "is not empty"
@@ -107,38 +106,7 @@ def check_run(cfg: TrainConfig) -> Run:
             "--overwrite true (deletes only a run's files)"
         )
     earlier, present = earlier if cfg.overwrite else [], [p.name for p in present]
-    return Run(objective, tok, data, groups, eval_data, sts, ckpt, data_sha256, present, earlier)
-
-
-def resumable_checkpoint(cfg: TrainConfig, out: Path, meta, data_sha256: str) -> Path:
-    """The newest intact checkpoint, if it was trained with these settings on this data."""
-    damaged = []
-    for ckpt in sorted(out.glob("checkpoint-*"), reverse=True):
-        try:  # every file must read back: a kill may have truncated any of them
-            saved = read_json(ckpt / "train_config.json")
-            read_adapter(ckpt, meta)
-            state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
-            for f in ckpt.glob("rng_rank*.pt"):
-                torch.load(f, weights_only=True)
-            break
-        except Exception as e:
-            damaged.append(f"{ckpt}: damaged, skipped ({type(e).__name__}: {str(e)[:200]})")
-    else:
-        raise UserError(f"--resume: no intact checkpoint in {out}" + "".join(f"; {d}" for d in damaged))
-    for d in damaged:
-        print(f"train.py: warning: {d}", file=sys.stderr)
-    changed = [k for k in DEFAULTS if k not in RESUMABLE and saved.get(k, DEFAULTS[k]) != getattr(cfg, k)]
-    if changed:
-        diff = ", ".join(f"{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)
-        raise UserError(
-            f"--resume: {ckpt} was trained with other settings: {diff} (may change: {sorted(RESUMABLE)})"
-        )
-    if cfg.max_steps < state["step"]:
-        raise UserError(f"--max_steps {cfg.max_steps}: below the checkpoint's step {state['step']} ({ckpt})")
-    if state.get("data_sha256", data_sha256) != data_sha256 and not cfg.resume_other_data:
-        why = "not the file it was trained on (sha256 differs); --resume_other_data true continues anyway"
-        raise UserError(f"--train_file {cfg.train_file}: resuming {ckpt}: {why}")
-    return ckpt
+    return Run(objective, tok, data, groups, eval_data, sts, ckpt, data_id, present, earlier)
 
 
 def prepare_output(cfg: TrainConfig, run: Run):
@@ -168,15 +136,17 @@ def save(out: Path, name: str, model, cfg: TrainConfig, rank: int, state: dict |
     final, tmp = out / name, out / f".tmp-{name}"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        save_adapter(model, tmp, base_model_name_or_path=cfg.model)
-        write_settings(tmp, cfg.pooling, cfg.is_causal, cfg.prompt, trained_on=cfg.init_adapter)
-        write_json(tmp / "train_config.json", cfg.to_dict())
-        if state is not None:
-            torch.save(state, tmp / "trainer_state.pt")
+        with folder_write(final, tmp):  # a full disk: one error naming `final`; the earlier files stay
+            save_adapter(model, tmp, base_model_name_or_path=cfg.model)
+            write_settings(tmp, cfg.pooling, cfg.is_causal, cfg.prompt, trained_on=cfg.init_adapter)
+            write_json(tmp / "train_config.json", cfg.to_dict())
+            if state is not None:
+                save_torch(tmp / "trainer_state.pt", state)
     barrier()
     if state is not None:
         cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
-        torch.save({"cpu": torch.get_rng_state(), "cuda": cuda}, tmp / f"rng_rank{rank}.pt")
+        with folder_write(final, tmp):
+            save_torch(tmp / f"rng_rank{rank}.pt", {"cpu": torch.get_rng_state(), "cuda": cuda})
     barrier()
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -197,9 +167,7 @@ def resume(ckpt: Path, opt, sched, rank: int, device, log_path: Path) -> int:
     if rng.get("cuda") is not None and device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"])
     if rank == 0 and log_path.is_file():
-        recs = [json.loads(ln) for ln in log_path.read_text().splitlines() if ln.strip()]
-        kept = [r for r in recs if r.get("step", 0) <= state["step"] and "event" not in r]
-        write_text(log_path, "".join(json.dumps(r) + "\n" for r in kept))
+        write_text(log_path, "".join(json.dumps(r) + "\n" for r in log_until(log_path, state["step"])))
     return state["step"]
 
 
@@ -278,8 +246,7 @@ def train(argv: list[str]) -> None:
         if master:
             line = json.dumps(rec, default=str)
             (bar.write if bar else print)(line)
-            with open(log_path, "a") as f:
-                f.write(line + "\n")
+            append_line(log_path, line)
 
     def run_eval(final: bool = False) -> dict:
         metrics = evaluate(objective, enc, run, cfg, final) if master else {}
@@ -322,7 +289,7 @@ def train(argv: list[str]) -> None:
             log(run_eval())
         if cfg.save_every and step % cfg.save_every == 0 and step < last_step:
             state = dict(optimizer=opt.state_dict(), scheduler=sched.state_dict(), step=step)
-            save(out, f"checkpoint-{step:06d}", model, cfg, rank, state | {"data_sha256": run.data_sha256})
+            save(out, f"checkpoint-{step:06d}", model, cfg, rank, state | run.data_id)
     if bar:
         bar.close()
 

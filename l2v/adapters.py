@@ -4,17 +4,18 @@ llm2vec's published adapters wrap, so adapters move both ways between l2v, peft 
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import re
 from collections import Counter
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from .checkpoint import TOKENIZER_FILES, hf_name_to_l2v, read_json, save_model_with
+from .files import save_tensors, write_json
 from .lora import LoRALinear, freeze_all_but_lora, layer_of, lora_modules, merge_lora, set_module
 
 PREFIX = "base_model.model."
@@ -88,10 +89,9 @@ def save_adapter(
     config.update(extra_config or {})
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "adapter_config.json", "w") as f:
-        json.dump(config, f, indent=2)
+    write_json(folder / "adapter_config.json", config)
     tensors = {k: v.float().contiguous().cpu() for k, v in lora_state_dict(model).items()}
-    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    save_tensors(folder / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
     return folder
 
 
@@ -101,6 +101,42 @@ def _pattern_value(patterns: dict, path: str, default):
         if any(re.fullmatch(rf"(?:.*\.)?(?:{pat})", p) for p in (path, "model." + path)):
             return value
     return default
+
+
+def _rank(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _alpha(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def check_adapter_config(cfg: dict, path) -> None:
+    """The values of adapter_config.json that change what the adapter computes: one error naming the key."""
+    def bad(key, want):
+        raise ValueError(f"{path}: {key!r} must be {want}, got {cfg.get(key)!r}")
+    if not _rank(cfg.get("r")):
+        bad("r", "an integer >= 1")
+    if not _alpha(cfg.get("lora_alpha")):
+        bad("lora_alpha", "a finite number > 0")
+    dropout = cfg.get("lora_dropout") or 0.0
+    if not (isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0 <= dropout < 1):
+        bad("lora_dropout", "a number in [0, 1)")
+    for key, ok, want in (("rank_pattern", _rank, "integers >= 1"), ("alpha_pattern", _alpha, "numbers > 0")):
+        pattern = cfg.get(key) or {}
+        if not isinstance(pattern, dict) or not all(ok(v) for v in pattern.values()):
+            bad(key, f"an object of {want}")
+    targets = cfg.get("target_modules")
+    if not (targets is None or isinstance(targets, str) or isinstance(targets, list)
+            and all(isinstance(t, str) for t in targets)):
+        bad("target_modules", "a list of module names, a regex or null")
+    if cfg.get("use_rslora") is not None and not isinstance(cfg["use_rslora"], bool):
+        bad("use_rslora", "true or false")
+    layers = cfg.get("layers_to_transform")
+    layers = [layers] if type(layers) is int else layers  # `type is`: a bool is not a layer number
+    if layers is not None and not (isinstance(layers, list) and all(type(i) is int and i >= 0
+                                                                    for i in layers)):
+        bad("layers_to_transform", "a layer number >= 0, a list of them or null")
 
 
 def read_adapter(folder: str | os.PathLike, model: nn.Module) -> tuple[dict, dict[str, dict]]:
@@ -118,9 +154,7 @@ def read_adapter(folder: str | os.PathLike, model: nn.Module) -> tuple[dict, dic
         raise ValueError(
             f"{cfg_path}: unsupported LoRA option(s) {bad}; l2v implements plain LoRA and rsLoRA"
         )
-    for key in ("r", "lora_alpha"):
-        if not isinstance(cfg.get(key), (int, float)):
-            raise ValueError(f"{cfg_path}: missing or non-numeric {key!r}")
+    check_adapter_config(cfg, cfg_path)
     if not weights_path.is_file():
         hint = (
             " (only pickle adapter_model.bin found; l2v loads safetensors only)"

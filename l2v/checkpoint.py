@@ -16,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .files import atomic_write, folder_write, write_text
 from .model import ModelConfig, Transformer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
@@ -51,6 +52,8 @@ def resolve_autocast(autocast, device: torch.device) -> torch.dtype | None:
     if autocast in (None, "none"):
         return None
     if autocast != "auto":
+        if autocast not in DTYPES and not isinstance(autocast, torch.dtype):
+            raise ValueError(f"unknown autocast {autocast!r}; use auto, none, bfloat16 or float16")
         return resolve_dtype(autocast)
     fast = device.type != "cpu" or any(getattr(torch.cpu, f, lambda: False)() for f in
                                        ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
@@ -88,36 +91,101 @@ GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262_208, hidden_size=2304, intermediate_s
                             max_position_embeddings=131_072)
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _positive(hf: dict, key: str, default, source: str):
-    """hf[key] (or `default` when absent) as a positive number or None."""
+    """hf[key] (or `default` when absent) as a finite positive number or None."""
     value = hf.get(key, default)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+    if value is not None and not (_is_number(value) and value > 0):
         raise ValueError(f"{source}: {key} must be a positive number or null, got {value!r}")
     return value
+
+
+REQUIRED = object()
+
+
+def _integer(hf: dict, key: str, source: str, default=REQUIRED, minimum: int = 1):
+    """hf[key] as an integer >= minimum (a bool is not one); `default` when absent or null, if it has one."""
+    value = hf.get(key)
+    if value is None and default is not REQUIRED:
+        return default
+    if key not in hf:
+        raise ValueError(f"{source}: missing required key {key!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{source}: {key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _real(hf: dict, key: str, source: str, default: float, ok=lambda v: v > 0, what="> 0") -> float:
+    """hf[key] (`default` when absent or null) as a finite number with `ok(value)`."""
+    value = hf.get(key)
+    if value is None:
+        return default
+    if not (_is_number(value) and ok(value)):
+        raise ValueError(f"{source}: {key} must be a finite number {what}, got {value!r}")
+    return float(value)
+
+
+def _flag(hf: dict, key: str, source: str, default: bool = False) -> bool:
+    value = hf.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"{source}: {key} must be true, false or null, got {value!r}")
+    return default if value is None else value
+
+
+ROPE_KEYS = {  # what each scaling reads, and what each value must be
+    "linear": {"factor": "> 0"},
+    "llama3": {"factor": "> 0", "low_freq_factor": "> 0", "high_freq_factor": "> low_freq_factor",
+               "original_max_position_embeddings": "an integer >= 1"},
+}
+
+
+def _check_rope_scaling(rope: dict, key: str, source: str) -> None:
+    """The keys a scaling type needs, each a finite positive number (llama3: high_freq_factor above
+    low_freq_factor, as transformers asks; the blend between them divides by their difference)."""
+    for k, want in ROPE_KEYS.get(rope["rope_type"], {}).items():
+        v = rope.get(k)
+        ok = _is_number(v) and v > 0
+        if want.startswith("an integer"):
+            ok = ok and isinstance(v, int)
+        elif want == "> low_freq_factor":
+            ok = ok and v > rope["low_freq_factor"]
+        if not ok:
+            raise ValueError(f"{source}: {key}.{k} must be {'a finite number ' * (not want.startswith('an'))}"
+                             f"{want} for rope_type {rope['rope_type']!r}, got {v!r}")
 
 
 def _rope(hf: dict, source: str, default_theta: float) -> tuple[float, dict | None, float | None]:
     """(theta, scaling or None, local layers' theta or None) from the flat keys of transformers 4
     (rope_theta, rope_scaling; Gemma 3's rope_local_base_freq) or transformers 5's `rope_parameters`
     (one dict, or for Gemma 3 one per layer type). Scaling applies to global layers only."""
+    for key in ("rope_parameters", "rope_scaling"):
+        if hf.get(key) is not None and not isinstance(hf[key], dict):
+            raise ValueError(f"{source}: {key} must be an object or null, got {hf[key]!r}")
     params, local = dict(hf.get("rope_parameters") or {}), None
     if "full_attention" in params or "sliding_attention" in params:
         local, params = dict(params.get("sliding_attention") or {}), dict(params.get("full_attention") or {})
         if local.get("rope_type", "default") != "default":
             raise ValueError(f"{source}: unsupported rope_parameters.sliding_attention type "
                              f"{local['rope_type']!r}; l2v scales the global layers' RoPE only")
-    theta = float(hf.get("rope_theta", params.get("rope_theta", default_theta)))
+    key = "rope_theta" if "rope_theta" in hf else "rope_parameters.rope_theta"
+    theta = _real({key: hf.get("rope_theta", params.get("rope_theta"))}, key, source, default_theta)
     rope = dict(hf.get("rope_scaling") or {})
     if not rope and params.get("rope_type", "default") != "default":
         rope = {k: v for k, v in params.items() if k != "rope_theta"}
     kind = rope.get("rope_type", rope.get("type", "default"))
+    key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
     if kind not in SUPPORTED_ROPE_TYPES:
-        key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
         raise ValueError(f"{source}: unsupported {key} type {kind!r}; l2v supports {SUPPORTED_ROPE_TYPES}")
+    rope = {**rope, "rope_type": kind}
+    _check_rope_scaling(rope, key, source)
     local_theta = None
     if hf.get("model_type") in GEMMA3:
-        local_theta = float(hf.get("rope_local_base_freq", (local or {}).get("rope_theta", 10000.0)))
-    return theta, None if kind == "default" else {**rope, "rope_type": kind}, local_theta
+        local = {"rope_local_base_freq": hf.get("rope_local_base_freq", (local or {}).get("rope_theta"))}
+        local_theta = _real(local, "rope_local_base_freq", source, 10000.0)
+    return theta, None if kind == "default" else rope, local_theta
 
 
 def _layer_types(hf: dict, mt: str, n_layers: int, source: str) -> list[str] | None:
@@ -134,7 +202,7 @@ def _layer_types(hf: dict, mt: str, n_layers: int, source: str) -> list[str] | N
                                  f"got {pattern!r}")
             return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)]
         if mt in ("qwen2", "qwen3"):  # the layers from max_window_layers on
-            first = hf.get("max_window_layers", 28)
+            first = _integer(hf, "max_window_layers", source, 28, minimum=0)
             return ["sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]
         return None
     if not isinstance(types, list) or len(types) != n_layers:
@@ -170,37 +238,29 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     supported = "gelu_pytorch_tanh" if gemma else "silu"  # what each family's checkpoints were trained with
     if act != supported:
         raise ValueError(f"{source}: unsupported {act_key} {act!r}; l2v runs {mt} with {supported!r}")
-    try:
-        dim, n_heads, n_layers = hf["hidden_size"], hf["num_attention_heads"], hf["num_hidden_layers"]
-        head_dim = hf.get("head_dim")
-        if not head_dim and (gemma or mt == "qwen3"):
-            raise ValueError(f"{source}: missing head_dim ({mt}: not hidden_size / num_attention_heads)")
-        cfg = ModelConfig(vocab_size=hf["vocab_size"], dim=dim, n_layers=n_layers, n_heads=n_heads,
-                          n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-                          head_dim=head_dim or dim // n_heads,
-                          intermediate_size=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
-                          max_position_embeddings=hf.get("max_position_embeddings", 4096), act=act,
-                          tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)), model_type=mt,
-                          attention_dropout=float(hf.get("attention_dropout", 0.0) or 0.0), extra=dict(hf))
-    except KeyError as e:
-        raise ValueError(f"{source}: missing required key {e.args[0]!r}") from None
+    cfg = ModelConfig(**_sizes(hf, source, gemma or mt == "qwen3"), act=act, model_type=mt, extra=dict(hf),
+                      norm_eps=_real(hf, "rms_norm_eps", source, 1e-6),
+                      tie_word_embeddings=_flag(hf, "tie_word_embeddings", source, gemma),
+                      attention_dropout=_real(hf, "attention_dropout", source, 0.0, lambda v: 0 <= v < 1,
+                                              "in [0, 1)"))
+    n_layers = cfg.n_layers
     cfg.rope_theta, cfg.rope_scaling, cfg.local_rope_theta = _rope(hf, source, 1e6 if mt in GEMMA3 else 1e4)
     if mt == "qwen2":
         cfg.qkv_bias = True
     else:
-        cfg.qkv_bias = cfg.o_bias = bool(hf.get("attention_bias", False))
-        cfg.mlp_bias = bool(hf.get("mlp_bias", False))
+        cfg.qkv_bias = cfg.o_bias = _flag(hf, "attention_bias", source)
+        cfg.mlp_bias = _flag(hf, "mlp_bias", source)
     # Windows: Mistral's on every layer; Qwen's only with use_sliding_window; Gemma 2/3's on local layers.
-    if mt == "mistral" or (mt in ("qwen2", "qwen3") and hf.get("use_sliding_window", False)):
-        cfg.sliding_window = _positive(hf, "sliding_window", None, source)
+    if mt == "mistral" or (mt in ("qwen2", "qwen3") and _flag(hf, "use_sliding_window", source)):
+        cfg.sliding_window = _integer(hf, "sliding_window", source, None)
     elif mt in GEMMA_2_3:
-        cfg.sliding_window = _positive(hf, "sliding_window", 4096, source)
+        cfg.sliding_window = _integer(hf, "sliding_window", source, 4096)
     if mt != "mistral":  # transformers' Mistral has one kind of layer, whatever the file says
         cfg.layer_types = _layer_types(hf, mt, n_layers, source)
     cfg.qk_norm = mt in ("qwen3", *GEMMA3)
     if gemma:
         cfg.embed_scale = cfg.norm_offset = True
-        cfg.is_causal = not hf.get("use_bidirectional_attention")  # EmbeddingGemma sets it
+        cfg.is_causal = not _flag(hf, "use_bidirectional_attention", source)  # EmbeddingGemma sets it
     if mt in GEMMA_2_3:
         cfg.sandwich_norms = cfg.bidirectional_window = True
         cfg.query_pre_attn_scalar = _positive(hf, "query_pre_attn_scalar", 256, source)
@@ -208,6 +268,26 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     if mt == "gemma2":  # transformers' Gemma 3 reads attn_logit_softcapping but never applies it
         cfg.attn_softcap = _positive(hf, "attn_logit_softcapping", 50.0, source)
     return cfg
+
+
+def _sizes(hf: dict, source: str, needs_head_dim: bool) -> dict:
+    """The sizes of config.json as ModelConfig's fields: positive integers; the query heads a multiple of the
+    key/value heads (each of these serves a group); an even head dim (RoPE rotates its two halves)."""
+    dim, n_heads = _integer(hf, "hidden_size", source), _integer(hf, "num_attention_heads", source)
+    n_kv_heads = _integer(hf, "num_key_value_heads", source, n_heads)
+    if n_heads % n_kv_heads:
+        raise ValueError(f"{source}: num_key_value_heads {n_kv_heads} does not divide "
+                         f"num_attention_heads {n_heads}")
+    if needs_head_dim and hf.get("head_dim") is None:
+        raise ValueError(f"{source}: missing head_dim ({hf['model_type']}: not hidden_size / "
+                         "num_attention_heads)")
+    head_dim = _integer(hf, "head_dim", source, dim // n_heads)
+    if head_dim % 2:
+        raise ValueError(f"{source}: head_dim must be even (RoPE rotates two halves), got {head_dim}")
+    return dict(vocab_size=_integer(hf, "vocab_size", source), dim=dim,
+                n_layers=_integer(hf, "num_hidden_layers", source), n_heads=n_heads, n_kv_heads=n_kv_heads,
+                head_dim=head_dim, intermediate_size=_integer(hf, "intermediate_size", source),
+                max_position_embeddings=_integer(hf, "max_position_embeddings", source, 4096))
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
@@ -310,9 +390,14 @@ def weight_files(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = read_json(index).get("weight_map")
+        weight_map = read_json(index)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index}: no 'weight_map' object")
+        bad = next((k for k, v in weight_map.items() if not isinstance(v, str) or Path(v).name != v), None)
+        if bad is not None:
+            raise ValueError(f"{index}: weight_map[{bad!r}] must be a file name in the folder, "
+                             f"got {weight_map[bad]!r}")
         files = [folder / name for name in dict.fromkeys(weight_map.values())]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
@@ -345,9 +430,54 @@ def meta_model(cfg: ModelConfig) -> Transformer:
         return Transformer(cfg)
 
 
+def _headers(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{tensor name: (shape, safetensors dtype)} from a file's header alone (no tensor is read); a truncated
+    file fails here (the header must cover the whole file)."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {n: (tuple(f.get_slice(n).get_shape()), f.get_slice(n).get_dtype()) for n in f.keys()}
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def check_weights(folder: str | os.PathLike, model: Transformer) -> dict[str, str]:
+    """The weight files of `folder` checked against `model` (a meta model will do) from their headers: every
+    tensor it needs once, of its shape and a floating dtype, nothing else. Returns {l2v key: the file's
+    own name for it}."""
+    folder, cfg = Path(folder), model.config
+    expected, names, origin = model.state_dict(), {}, {}
+    for path in weight_files(folder):
+        for hf_key, (shape, dtype) in _headers(path).items():
+            key = hf_name_to_l2v(hf_key, cfg.model_type)
+            if key is None or (key == "lm_head.weight" and cfg.tie_word_embeddings):
+                continue  # a vision tower, or a tied checkpoint's redundant copy of the embedding
+            if key in names:
+                raise ValueError(f"{path}: tensor {hf_key!r} also in {origin[key]}")
+            if key in expected and shape != tuple(expected[key].shape):
+                raise ValueError(f"{path}: tensor {hf_key!r} has shape {shape}, "
+                                 f"config.json implies {tuple(expected[key].shape)}")
+            if key in expected and not dtype.startswith(("F", "BF")):  # F64 F32 F16 BF16 F8_*
+                raise ValueError(f"{path}: tensor {hf_key!r} has dtype {DTYPE_NAMES.get(dtype, dtype)}; "
+                                 "model weights are floating point")
+            names[key], origin[key] = hf_key, path.name
+    missing = sorted(set(expected) - set(names))
+    unexpected = sorted(set(names) - set(expected))
+    if missing or unexpected:
+        def show(keys):
+            shown = [names.get(k, l2v_key_to_hf(k)) for k in keys]  # the file's own names where known
+            return ", ".join(shown[:20]) + (" ..." if len(shown) > 20 else "")
+        raise ValueError(f"{folder}: weights do not match config.json: {len(missing)} missing "
+                         f"[{show(missing)}]; {len(unexpected)} unexpected [{show(unexpected)}]")
+    return names
+
+
+DTYPE_NAMES = {"I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
 def load_model(folder: str | os.PathLike, dtype="float32", device="cpu", is_causal: bool | None = None,
                attention_dropout: float | None = None) -> Transformer:
-    """Build on `meta`, then assign tensors read shard by shard: peak memory ~ one copy of weights."""
+    """Build on `meta`, check the files' headers against it, then assign tensors read shard by shard: peak
+    memory ~ one copy of weights."""
     folder = Path(folder)
     dtype = resolve_dtype(dtype)
     cfg = load_config(folder)
@@ -356,28 +486,13 @@ def load_model(folder: str | os.PathLike, dtype="float32", device="cpu", is_caus
     if attention_dropout is not None:
         cfg.attention_dropout = attention_dropout
     model = meta_model(cfg)
-    expected = model.state_dict()
-    state, origin, hf_keys = {}, {}, {}
+    names = check_weights(folder, model)
+    state = {}
     for path in weight_files(folder):
         for hf_key, t in read_safetensors(path, dtype):
             key = hf_name_to_l2v(hf_key, cfg.model_type)
-            if key is None or (key == "lm_head.weight" and cfg.tie_word_embeddings):
-                continue  # a vision tower, or a tied checkpoint's redundant copy of the embedding
-            if key in state:
-                raise ValueError(f"{path}: tensor {hf_key!r} also in {origin[key]}")
-            if key in expected and t.shape != expected[key].shape:
-                raise ValueError(f"{path}: tensor {hf_key!r} has shape {tuple(t.shape)}, "
-                                 f"config.json implies {tuple(expected[key].shape)}")
-            state[key] = t.to(device)
-            origin[key], hf_keys[key] = path.name, hf_key
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        def show(keys):
-            names = [hf_keys.get(k, l2v_key_to_hf(k)) for k in keys]  # the file's own names where known
-            return ", ".join(names[:20]) + (" ..." if len(names) > 20 else "")
-        raise ValueError(f"{folder}: weights do not match config.json: "
-                         f"{len(missing)} missing [{show(missing)}]; {len(unexpected)} unexpected [{show(unexpected)}]")
+            if key in names:
+                state[key] = t.to(device)
     model.load_state_dict(state, strict=True, assign=True)
     for name, buf in model.named_buffers(recurse=False):  # RoPE's inverse frequencies, built on the CPU
         setattr(model, name, buf.to(device))
@@ -390,10 +505,11 @@ def save_model_with(model: Transformer, dest: str | os.PathLike, files=(), dtype
     dest = Path(dest)
     tmp = dest.with_name(f".tmp-{dest.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tmp, dtype=dtype)
-    for f in map(Path, files):
-        if f.is_file():
-            shutil.copy(f, tmp / f.name)
+    with folder_write(dest, tmp):
+        save_model(model, tmp, dtype=dtype)
+        for f in map(Path, files):
+            if f.is_file():
+                shutil.copy(f, tmp / f.name)
     if dest.exists():
         dest.rmdir()  # only an empty folder: rmdir refuses anything else
     os.replace(tmp, dest)
@@ -409,18 +525,22 @@ def save_model(model: Transformer, folder: str | os.PathLike, dtype=None, max_sh
                for k, v in model.state_dict().items()}
     hf = config_to_hf(model.config)
     hf["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
-    with open(folder / "config.json", "w") as f:
-        json.dump(hf, f, indent=2)
+    write_text(folder / "config.json", json.dumps(hf, indent=2) + "\n")  # as read: NaN kept, if any
     if max_shard_bytes is None:
-        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        _save(folder / "model.safetensors", tensors)
         return folder
     shards = consecutive_groups(list(tensors), lambda k: tensors[k].numel() * tensors[k].element_size(), max_shard_bytes)
     weight_map = {}
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file({k: tensors[k] for k in shard}, folder / name, metadata={"format": "pt"})
+        _save(folder / name, {k: tensors[k] for k in shard})
         weight_map.update(dict.fromkeys(shard, name))
     total = sum(v.numel() * v.element_size() for v in tensors.values())
-    with open(folder / "model.safetensors.index.json", "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    write_text(folder / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
     return folder
+
+
+def _save(path: Path, tensors: dict) -> None:
+    # safetensors' writer, through a temporary file: a full disk is one error naming the file
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))

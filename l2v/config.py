@@ -120,7 +120,8 @@ class TrainConfig:
         mb = self.micro_batch_size or self.batch_size // world
         if mb == 0 or self.batch_size % (world * mb):
             raise UserError(
-                f"--batch_size {self.batch_size}: must split over {world} rank(s) x micro_batch_size {mb}"
+                f"--batch_size {self.batch_size} / --micro_batch_size {mb}: must split over {world} rank(s) "
+                f"x micro_batch_size {mb}"
             )
         return replace(self, micro_batch_size=mb)
 
@@ -130,6 +131,7 @@ DEFAULTS = TrainConfig().to_dict()
 # What may differ when resuming; any other change would silently train something else.
 RESUMABLE = {
     "output_dir",
+    "train_file",  # a checkpoint records the file's sha256: moving it is fine, changing it is refused
     "max_steps",
     "stop_after_n_steps",
     "device",
@@ -150,6 +152,7 @@ RESUMABLE = {
 }
 LIST_ITEMS = {"init_adapter": str, "lora_targets": str, "lora_layers": int}
 BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+KIND = {int: "an integer", float: "a number", str: "a string", list: "a list", bool: "true or false"}
 
 
 def demo_preset(objective: str) -> Path:
@@ -175,7 +178,7 @@ def check_value(key: str, value, where: str) -> None:
     default, check = DEFAULTS[key], OPTIONS[key]["check"]
     want = (int, float) if type(default) is float else type(default)
     if not isinstance(value, want) or (isinstance(value, bool) and not isinstance(default, bool)):
-        raise UserError(f"{where}: expected a {type(default).__name__}, got {value!r}")
+        raise UserError(f"{where}: expected {KIND[type(default)]}, got {value!r}")
     if isinstance(value, float) and not math.isfinite(value):
         raise UserError(f"{where}: must be a finite number, got {value}")
     if isinstance(check, tuple) and value not in check:
@@ -229,13 +232,16 @@ def parse_config(argv: list[str], objectives=OBJECTIVES) -> TrainConfig:
     file_cfg.pop("_comment", None)
     if set(file_cfg) - set(DEFAULTS):
         raise UserError(f"{config}: unknown config key(s) {sorted(set(file_cfg) - set(DEFAULTS))}")
+    for key, value in file_cfg.items():  # a flag overriding a key leaves the file's value wrong all the same
+        if key != "objective":
+            check_value(key, value, f"{config}: {key}")
     if "objective" in flags and "objective" in file_cfg and flags["objective"] != file_cfg["objective"]:
         raise UserError(
             f"--objective {flags['objective']}: {config} is a preset for {file_cfg['objective']!r} "
             f"(its settings would train {flags['objective']} wrongly); use configs/{flags['objective']}/"
         )
     objective = flags.get("objective", file_cfg.get("objective", DEFAULTS["objective"]))
-    if objective not in objectives:
+    if not isinstance(objective, str) or objective not in objectives:
         where = "--objective" if "objective" in flags else f"{config}: objective"
         raise UserError(f"{where}: {objective!r} is not one of {', '.join(objectives)}")
     cfg = {**DEFAULTS, **objectives[objective].defaults, **file_cfg, **flags}

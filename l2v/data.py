@@ -86,12 +86,18 @@ def field(item, where: str, key: str, default=None) -> str:
     if value is None:
         raise ValueError(f"{where}: object has no \"{key}\" field (keys: {sorted(item)[:10]})")
     if not isinstance(value, str):
-        raise ValueError(f"{where}: \"{key}\" is a {type(value).__name__}, expected a string")
+        raise ValueError(f"{where}: \"{key}\" must be a string, got {repr(value)[:80]}")
+    return valid_unicode(value, where, f'"{key}"')
+
+
+def valid_unicode(text: str, where: str, what: str = "the text") -> str:
+    """`text`, unless it holds a lone surrogate (a JSON escape like "\\ud800", or bytes that were not UTF-8
+    on a command line): no tokenizer can read it."""
     try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:  # a lone surrogate from a JSON escape: no tokenizer can read it
-        raise ValueError(f"{where}: \"{key}\" is not valid Unicode ({e.reason} at character {e.start})") from None
-    return value
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{where}: {what} is not valid Unicode ({e.reason} at character {e.start})") from None
+    return text
 
 
 def read_texts(path: str | os.PathLike) -> list[str]:

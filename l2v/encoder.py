@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .checkpoint import load_config, load_model, meta_model, resolve_autocast, resolve_device, resolve_dtype
+from .data import valid_unicode
 from .hub import resolve_model
 from .progress import progress
 from .settings import DEFAULTS, check_chain, check_prompt, read_settings
@@ -177,15 +178,16 @@ class Encoder:
         if chat_template is not None and missing_template_tokens(chat_template, tokenizer):
             raise ValueError(f"chat template {chat_template!r}: tokens {missing_template_tokens(chat_template, tokenizer)} "
                              "are not in this vocabulary")
-        prompt = check_prompt(prompt, "prompt")
+        prompt = check_prompt(valid_unicode(prompt, "prompt", "the template") if prompt else None, "prompt")
         for name, value in (("max_length", max_length), ("doc_max_length", doc_max_length), ("row_tokens", row_tokens)):
-            if not isinstance(value, int) or value < 1:
+            if type(value) is not int or value < 1:  # `type is`: a bool is not a length
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.model, self.tokenizer = model, tokenizer
         self.pooling, self.max_length, self.doc_max_length = pooling, max_length, doc_max_length
         self.skip_instruction, self.chat_template, self.eos_suffix = skip_instruction, chat_template, eos_suffix
         self.prompt, self.row_tokens, self.upstream_template = prompt, row_tokens, upstream_template
         self.settings_sources: list[str] = []  # the files `from_pretrained` took settings from
+        self.source = "the model"  # where the weights came from, for messages
         # A dtype for the matmuls (weights and residual stream keep theirs), or None.
         self.autocast = None if autocast in (None, "none") else resolve_dtype(autocast)
 
@@ -205,15 +207,21 @@ class Encoder:
         Every file, the adapters' shapes and order (`check_adapters`) and `check_inputs` are checked before
         the weights load."""
         from .adapters import load_adapter, read_adapter  # written separately; only needed here
+        path = (str, os.PathLike)
+        if not isinstance(model_dir, path):
+            raise TypeError(f"model_dir must be a folder path, got {type(model_dir).__name__}")
         for name, value in (("is_causal", is_causal), ("skip_instruction", skip_instruction)):
             if value is not None and not isinstance(value, bool):
                 raise TypeError(f"{name} must be True, False or None, got {value!r}")
-        adapters = [adapters] if isinstance(adapters, (str, os.PathLike)) else list(adapters)
-        model_dir, adapters, tokenizer_dir = resolve_model(model_dir, adapters)
+        adapters = [adapters] if isinstance(adapters, path) else adapters
+        if not isinstance(adapters, (list, tuple)) or not all(isinstance(a, path) for a in adapters):
+            raise TypeError(f"adapters must be a folder or a list of folders, got {adapters!r}")
+        model_dir, adapters, tokenizer_dir = resolve_model(model_dir, list(adapters))
         found, sources = read_settings(model_dir, *adapters)
         cfg = {**DEFAULTS, **found}
         device, dtype = resolve_device(device), resolve_dtype(dtype)
-        model_cfg, tok = load_config(model_dir), Tokenizer(tokenizer_dir)
+        model_cfg = load_config(model_dir)
+        tok = Tokenizer(tokenizer_dir, model_cfg.vocab_size)
 
         def pick(value, key):
             return value if value is not None else cfg[key]
@@ -222,7 +230,7 @@ class Encoder:
                   skip_instruction=pick(skip_instruction, "skip_instruction"), chat_template=chat_template,
                   prompt=pick(prompt, "prompt") or None, eos_suffix=eos_suffix_for(model_cfg.model_type, tok),
                   autocast=resolve_autocast(autocast, device), upstream_template=upstream_template)
-        enc.settings_sources = sources
+        enc.settings_sources, enc.source = sources, " + ".join(map(str, [model_dir, *adapters]))
         meta = meta_model(model_cfg)
         for folder in adapters:
             read_adapter(folder, meta)
@@ -249,6 +257,8 @@ class Encoder:
         """One (instruction, text) -> (input_ids, embed_mask), both lists of the row's length."""
         if not isinstance(instruction, str) or not isinstance(text, str):
             raise TypeError(f"input {index}: expected a string or an (instruction, text) pair of strings")
+        valid_unicode(instruction, f"input {index}", "the instruction")
+        valid_unicode(text, f"input {index}", "the text")
         if not text.strip():
             # Upstream would pool the whole padded row here; an error is more useful.
             raise ValueError(f"input {index}: the text is empty (nothing to embed)")
@@ -348,8 +358,12 @@ class Encoder:
         if isinstance(inputs, str):
             inputs = [inputs]
         device = self.model.embed_tokens.weight.device
-        if max_batch_tokens is not None and (type(max_batch_tokens) is not int or max_batch_tokens < 1):
+        integral = isinstance(max_batch_tokens, (int, np.integer)) and not isinstance(max_batch_tokens, bool)
+        if max_batch_tokens is not None and (not integral or max_batch_tokens < 1):
             raise ValueError(f"max_batch_tokens must be a positive integer, got {max_batch_tokens!r}")
+        for name, value in (("normalize", normalize), ("show_progress", show_progress)):
+            if not isinstance(value, (bool, np.bool_)):
+                raise TypeError(f"{name} must be True or False, got {value!r}")
         max_batch_tokens = max_batch_tokens or default_batch_tokens(device)
         prepared = self.prepare_inputs(inputs)
         out = np.zeros((len(prepared), self.model.config.dim), dtype=np.float32)
@@ -368,5 +382,5 @@ class Encoder:
         finally:
             self.model.train(was_training)
         if not np.isfinite(out).all():
-            raise ValueError("the model produced non-finite embeddings (NaN or inf weights?)")
+            raise ValueError(f"{self.source}: non-finite embeddings (NaN or inf weights?)")
         return out

@@ -204,15 +204,20 @@ def read_sts_year(folder: str | os.PathLike) -> tuple[list[str], list[str], np.n
 
 
 def read_jsonl_docs(path) -> list[tuple[str, dict]]:
-    rows = []
+    """BEIR's corpus or queries: objects with an '_id' (unique) and a string 'text'."""
+    rows, seen = [], {}
     for where, row in read_records(path):
         if not isinstance(row, dict) or "_id" not in row or not isinstance(row.get("text"), str):
             raise ValueError(f"{where}: expected an object with '_id' and a string 'text'")
+        if str(row["_id"]) in seen:
+            raise ValueError(f"{where}: _id {str(row['_id'])!r} again (first at {seen[str(row['_id'])]})")
+        seen[str(row["_id"])] = where
         rows.append((where, row))
     return rows
 
 
-def check_qrels(qrels: dict, where: dict, corpus: dict, queries: dict, corpus_file, queries_file) -> dict:
+def check_qrels(qrels: dict, where: dict, corpus: dict, queries: dict, corpus_file, queries_file,
+                qrels_file) -> dict:
     """Every judgment must name a known query and document: one that does not is a mismatched file."""
     for (qid, did), at in where.items():
         if did not in corpus:
@@ -220,7 +225,9 @@ def check_qrels(qrels: dict, where: dict, corpus: dict, queries: dict, corpus_fi
         if qid not in queries:
             raise ValueError(f"{at}: query {qid!r} is not in {queries_file}")
     if not any(g > 0 for q in qrels.values() for g in q.values()):
-        raise ValueError(f"{next(iter(where.values()), queries_file)}: no relevant document in the judgments")
+        raise ValueError(f"{qrels_file}: no relevant document in the judgments")
+    if not any(text.strip() for text in corpus.values()):
+        raise ValueError(f"{corpus_file}: no document has any text")
     return qrels
 
 
@@ -258,7 +265,8 @@ def read_beir(folder: str | os.PathLike, split: str = "test"):
         corpus[str(row["_id"])] = (title + " " + row["text"]).strip()
     queries = {str(r["_id"]): sentence(r["text"], w) for w, r in read_jsonl_docs(folder / "queries.jsonl")}
     qrels, where = read_qrels_tsv(folder / "qrels" / f"{split}.tsv")
-    check_qrels(qrels, where, corpus, queries, folder / "corpus.jsonl", folder / "queries.jsonl")
+    check_qrels(qrels, where, corpus, queries, folder / "corpus.jsonl", folder / "queries.jsonl",
+                folder / "qrels" / f"{split}.tsv")
     return corpus, queries, qrels
 
 
@@ -327,7 +335,7 @@ def read_cranfield(folder: str | os.PathLike, graded: bool = True):
         except ValueError as e:
             raise ValueError(f"{path}:{i}: {e}") from None
         where[str(qnum), str(did)] = f"{path}:{i}"
-    check_qrels(qrels, where, corpus, queries, folder / "cran.all.1400", folder / "cran.qry")
+    check_qrels(qrels, where, corpus, queries, folder / "cran.all.1400", folder / "cran.qry", path)
     return corpus, queries, qrels
 
 
@@ -396,10 +404,11 @@ def run_task(
     t0 = time.perf_counter()
     if task.kind == "sts":
         s1, s2, gold = data
-        scores = {
-            "spearman": evaluate_sts(encoder, s1, s2, gold, sts_instruction, show_progress, **encode_kw)
-        }
-        n = len(gold)
+        try:
+            rho = evaluate_sts(encoder, s1, s2, gold, sts_instruction, show_progress, **encode_kw)
+        except ValueError as e:  # a metric that cannot be computed: say which task
+            raise ValueError(f"{name}: {e}") from None
+        scores, n = {"spearman": rho}, len(gold)
     else:
         corpus, queries, qrels = data
         scores = evaluate_retrieval(

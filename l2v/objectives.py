@@ -127,6 +127,16 @@ class Objective:
     def read(self, path) -> list:
         raise NotImplementedError
 
+    def check(self, examples, path) -> None:
+        """Whatever of the examples would fail only in training (once the model has loaded): refuse it
+        now, naming `path`."""
+
+    def load(self, path) -> list:
+        """The examples of a file, read and checked."""
+        examples = self.read(path)
+        self.check(examples, path)
+        return examples
+
     def micro_batches(
         self, examples, batch: list[int], positions: list[list[int]], step: int
     ) -> list[MicroBatch]:
@@ -156,7 +166,9 @@ class Objective:
         so the gradient is that of the mean over every term whatever the split. Returns the loss summed
         over this rank's micro-batches (summed over ranks / world = the step's loss)."""
         world = torch.distributed.get_world_size() if is_distributed() else 1
-        norm = all_sum(sum(m.terms for m in micro), self.device, item=False) / world
+        # A step with no loss term (MNTP on short blocks may mask nothing) has a zero loss, not 0 / 0.
+        terms = all_sum(sum(m.terms for m in micro), self.device, item=False)
+        norm = terms.clamp(min=1) / world
         total = torch.zeros((), device=self.device)
         for i, m in enumerate(micro):
             with sync_unless(forward, last=i == len(micro) - 1):
@@ -180,7 +192,12 @@ class MNTP(Objective):
         self.mask_id = mask_token_id(tokenizer, cfg.mask_token)
 
     def read(self, path):
-        return mntp_blocks(self.tokenizer, read_texts(path), self.cfg.max_seq_length)
+        try:
+            return mntp_blocks(self.tokenizer, read_texts(path), self.cfg.max_seq_length)
+        except ValueError as e:
+            if "not enough for one block" not in str(e):
+                raise
+            raise ValueError(f"{path}: {str(e).replace(' of ', ' of --max_seq_length ')}") from None
 
     def micro_batches(self, examples, batch, positions, step):
         """Mask the whole global batch with a generator seeded by (seed, step), then take this rank's rows:
@@ -243,6 +260,20 @@ class Contrastive(Objective):
 
     def prepare(self, rows) -> list:
         return self.encoder.prepare_inputs(self.texts(rows))
+
+    def check(self, examples, path):
+        """Every instruction of the examples (with the prompt) must leave room for a text within
+        max_seq_length; otherwise training would stop at the first batch that holds it."""
+        from .encoder import Encoder
+
+        enc = Encoder(None, self.tokenizer, self.cfg.pooling, self.cfg.max_seq_length, prompt=self.cfg.prompt)
+        for instruction in dict.fromkeys(t[0] for t in self.texts(examples) if isinstance(t, tuple)):
+            try:
+                enc.prepare(instruction, "text")
+            except ValueError as e:
+                why = str(e).split(": ", 1)[1]
+                raise ValueError(f"{path}: the instruction {instruction[:60]!r}: {why} (--instruction, "
+                                 f"--prompt, --max_seq_length {self.cfg.max_seq_length})") from None
 
     def contrastive_size(self, world: int) -> int:
         accumulating = self.cfg.batch_size > self.cfg.micro_batch_size * world
@@ -310,6 +341,9 @@ class SimCSE(Contrastive):
 
     def read(self, path):
         return read_texts(path)
+
+    def texts(self, rows):
+        return [(self.cfg.instruction, t) for t in rows] * 2
 
     def prepare(self, rows):  # the two views are the same texts: tokenize them once
         return self.encoder.prepare_inputs([(self.cfg.instruction, t) for t in rows]) * 2

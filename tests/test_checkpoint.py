@@ -163,7 +163,7 @@ GEMMA2 = dict(model_type="gemma2", vocab_size=64, hidden_size=32, intermediate_s
      r"unsupported rope_parameters.sliding_attention type 'linear'"),
     (dict(model_type="gemma3_text", sliding_window_pattern=0), r"sliding_window_pattern must be a positive"),
     (dict(attn_logit_softcapping="50"), r"attn_logit_softcapping must be a positive number"),
-    (dict(sliding_window=-1), r"sliding_window must be a positive number"),
+    (dict(sliding_window=-1), r"sliding_window must be an integer >= 1"),
     (dict(model_type="gemma3"), r"model_type 'gemma3' needs a text_config"),
     (dict(model_type="gemma3", text_config=dict(hidden_activation="silu")),
      r"text_config: unsupported hidden_activation 'silu'"),

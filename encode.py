@@ -3,8 +3,8 @@
 Usage:
     python encode.py                                   # seed example: 2 instructed queries x 2 documents
     python encode.py --text "A man plays guitar." --text "Someone is playing an instrument."
-    python encode.py --instruction "Given a web search query, retrieve relevant passages that answer the query:" \\
-        --text "summit define"
+    python encode.py --text "summit define" \\
+        --instruction "Given a web search query, retrieve relevant passages that answer the query:"
     python encode.py --file texts.txt --out emb.npy    # .txt: one text per line (see --keep-blank-lines)
     python encode.py --file inputs.jsonl --out emb.npy # .jsonl: {"text": ..., "instruction": ...} per line
     python encode.py --model DIR --adapter MNTP_DIR --adapter SIMCSE_DIR --pooling mean --normalize --text ...

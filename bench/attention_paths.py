@@ -10,6 +10,7 @@ difference from the math path. docs/performance.md ("Attention paths per family"
     OMP_NUM_THREADS=2 python bench/attention_paths.py            # add --device cuda on a GPU
     python bench/attention_paths.py --tokens 256 --reps 3 --json out.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,6 +39,7 @@ def saved_bytes(fn) -> int:
     def pack(t):
         seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
+
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return sum(seen.values())
@@ -66,8 +68,12 @@ def main(argv=None) -> None:
     p.add_argument("--softcap", type=float, default=50.0)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                   help="cpu: the process's CPU time, steadier than wall time on a machine others share")
+    p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="cpu: the process's CPU time, steadier than wall time on a machine others share",
+    )
     p.add_argument("--paths", default="sdpa,math,flex_eager,flex_compiled")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
@@ -77,14 +83,15 @@ def main(argv=None) -> None:
     flex = any(name.startswith("flex") for name in args.paths.split(","))
     if flex:  # imports the compiler stack: only when asked for
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
         compiled_flex = torch.compile(flex_attention)
     B, T, H, K, D, cap = args.batch, args.tokens, args.heads, args.kv_heads, args.head_dim, args.softcap
-    scale = 1 / D ** 0.5
+    scale = 1 / D**0.5
     g = torch.Generator().manual_seed(0)
     q0, k0, v0 = (torch.randn(B, n, T, D, generator=g).to(dev) for n in (H, K, K))
     segments = torch.ones(B, T, dtype=torch.long, device=dev)
-    segments[:, T // 3:] = 2  # two texts per row
-    segments[1:, -T // 8:] = 0  # padding at the end of the other rows
+    segments[:, T // 3 :] = 2  # two texts per row
+    segments[1:, -T // 8 :] = 0  # padding at the end of the other rows
     rows = []
     for is_causal in (False, True):
         mask = build_mask(segments, is_causal, args.window, T, dev)  # (B, 1, T, T)
@@ -93,14 +100,17 @@ def main(argv=None) -> None:
         def mask_mod(b, h, qi, ki, causal=is_causal, reach=reach):
             same = (segments[b, qi] == segments[b, ki]) & (segments[b, ki] > 0) & ((qi - ki).abs() <= reach)
             return (same & (qi >= ki) if causal else same) | (qi == ki)
+
         block = create_block_mask(mask_mod, B, None, T, T, device=dev) if flex else None
 
         def score_mod(s, b, h, qi, ki):
             return torch.tanh(s / cap) * cap
+
         flex_kw = dict(score_mod=score_mod, block_mask=block, scale=scale, enable_gqa=True)
         paths = {
-            "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
-                                                                   enable_gqa=True),
+            "sdpa": lambda q, k, v: F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=scale, enable_gqa=True
+            ),
             "math": lambda q, k, v: softcapped_attention(q, k, v, mask, is_causal, scale, cap, 0.0),
             "flex_eager": lambda q, k, v: flex_attention(q, k, v, **flex_kw),
             "flex_compiled": lambda q, k, v: compiled_flex(q, k, v, **flex_kw),
@@ -123,6 +133,7 @@ def main(argv=None) -> None:
                     with ctx():
                         out = attn(*inputs())
                     out.float().pow(2).mean().backward()
+
                 row = dict(path=name, causal=is_causal, dtype=str(amp or "float32").removeprefix("torch."))
                 rows.append(row)
                 if name == "flex_compiled":
@@ -138,15 +149,19 @@ def main(argv=None) -> None:
                 row["max_diff_vs_math"] = float((out.float() - ref).abs().max()) if name != "sdpa" else None
                 try:
                     with ctx():
-                        row["kept_mb"] = round(saved_bytes(lambda: attn(*inputs())) / 2 ** 20, 1)
+                        row["kept_mb"] = round(saved_bytes(lambda: attn(*inputs())) / 2**20, 1)
                     row["forward_backward_ms"] = round(1e3 * timed(fwd_bwd, args.reps, sync, clock), 2)
                 except Exception as e:  # FlexAttention has no CPU backward
                     row["backward_error"] = f"{type(e).__name__}: {str(e)[:120]}"
                 print(json.dumps(row), flush=True)
-    print(f"\n{B} x {T} tokens, {H} heads ({K} KV) x {D}, window {args.window}, soft-cap {cap}, "
-          f"{args.device}, {torch.get_num_threads()} threads, {args.clock} time, torch {torch.__version__}\n")
-    print("| path | attention | dtype | forward ms | fwd+bwd ms | kept for backward MB | first call s "
-          "| max diff vs math |")
+    print(
+        f"\n{B} x {T} tokens, {H} heads ({K} KV) x {D}, window {args.window}, soft-cap {cap}, "
+        f"{args.device}, {torch.get_num_threads()} threads, {args.clock} time, torch {torch.__version__}\n"
+    )
+    print(
+        "| path | attention | dtype | forward ms | fwd+bwd ms | kept for backward MB | first call s "
+        "| max diff vs math |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         attention = "causal" if r["causal"] else "bidirectional"
@@ -155,11 +170,18 @@ def main(argv=None) -> None:
             continue
         diff = "-" if r["max_diff_vs_math"] is None else f"{r['max_diff_vs_math']:.1e}"
         bwd = r.get("forward_backward_ms", "no backward")
-        print(f"| {r['path']} | {attention} | {r['dtype']} | {r['forward_ms']} | {bwd} | "
-              f"{r.get('kept_mb', '-')} | {r['first_call_s']} | {diff} |")
+        print(
+            f"| {r['path']} | {attention} | {r['dtype']} | {r['forward_ms']} | {bwd} | "
+            f"{r.get('kept_mb', '-')} | {r['first_call_s']} | {diff} |"
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(args=vars(args), threads=torch.get_num_threads(),
-                                                   torch=torch.__version__, rows=rows), indent=1) + "\n")
+        Path(args.json).write_text(
+            json.dumps(
+                dict(args=vars(args), threads=torch.get_num_threads(), torch=torch.__version__, rows=rows),
+                indent=1,
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """The worker loop both sides share; stdlib, numpy and torch only, so upstream's environment runs it too.
 
 A worker reads the JSON spec run.py wrote (argv[1]), loads its model once, runs the spec's figures in order
-and prints one line `RESULT {json}`. A figure that fails (e.g. out of GPU memory) is recorded; the next runs."""
+and prints one line `RESULT {json}`. A figure that fails (e.g. out of GPU memory) is recorded; the next
+runs."""
+
 from __future__ import annotations
 
 import gc
@@ -45,19 +47,20 @@ def train(loss_fn, params, spec: dict, device: torch.device, backward: bool = Tr
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
+
     return dict(times=timed(step, spec["warmup"], spec["steps"], device), losses=losses)
 
 
 def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int, reps: int = 5) -> float:
     """The measured matmul peak (median of n x n x n products): MFU's denominator."""
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-    return 2 * n ** 3 / sorted(timed(lambda: a @ b, 1, reps, device))[reps // 2] / 1e12
+    return 2 * n**3 / sorted(timed(lambda: a @ b, 1, reps, device))[reps // 2] / 1e12
 
 
 def peak_mb(device: torch.device) -> float:
     """Peak CUDA memory since the last reset, or on the CPU this process's peak RSS (Linux counts KiB)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+        return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -5,5 +5,6 @@ def __getattr__(name):
     # `from l2v import LLM2Vec` (upstream llm2vec's API) without making `import l2v` load torch and the rest.
     if name == "LLM2Vec":
         from .llm2vec import LLM2Vec
+
         return LLM2Vec
     raise AttributeError(f"module 'l2v' has no attribute {name!r}")

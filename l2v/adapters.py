@@ -113,8 +113,10 @@ def _alpha(v) -> bool:
 
 def check_adapter_config(cfg: dict, path) -> None:
     """The values of adapter_config.json that change what the adapter computes: one error naming the key."""
+
     def bad(key, want):
         raise ValueError(f"{path}: {key!r} must be {want}, got {cfg.get(key)!r}")
+
     if not _rank(cfg.get("r")):
         bad("r", "an integer >= 1")
     if not _alpha(cfg.get("lora_alpha")):
@@ -127,15 +129,20 @@ def check_adapter_config(cfg: dict, path) -> None:
         if not isinstance(pattern, dict) or not all(ok(v) for v in pattern.values()):
             bad(key, f"an object of {want}")
     targets = cfg.get("target_modules")
-    if not (targets is None or isinstance(targets, str) or isinstance(targets, list)
-            and all(isinstance(t, str) for t in targets)):
+    if not (
+        targets is None
+        or isinstance(targets, str)
+        or isinstance(targets, list)
+        and all(isinstance(t, str) for t in targets)
+    ):
         bad("target_modules", "a list of module names, a regex or null")
     if cfg.get("use_rslora") is not None and not isinstance(cfg["use_rslora"], bool):
         bad("use_rslora", "true or false")
     layers = cfg.get("layers_to_transform")
     layers = [layers] if type(layers) is int else layers  # `type is`: a bool is not a layer number
-    if layers is not None and not (isinstance(layers, list) and all(type(i) is int and i >= 0
-                                                                    for i in layers)):
+    if layers is not None and not (
+        isinstance(layers, list) and all(type(i) is int and i >= 0 for i in layers)
+    ):
         bad("layers_to_transform", "a layer number >= 0, a list of them or null")
 
 

@@ -1,6 +1,7 @@
 """HF model folder <-> `l2v.model.Transformer`, with `safetensors` only (no transformers, no pickles).
 Module names are HF's minus `model.`; q/k weights load verbatim because `model.py` uses HF's
 `rotate_half` RoPE layout (HF's conversion already applied its "permute for sliced rotary")."""
+
 from __future__ import annotations
 
 import contextlib
@@ -19,9 +20,20 @@ from torch import nn
 from .files import atomic_write, folder_write, write_text
 from .model import ModelConfig, Transformer
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def resolve_dtype(dtype) -> torch.dtype:
@@ -31,7 +43,7 @@ def resolve_dtype(dtype) -> torch.dtype:
 
 
 def resolve_device(device="auto") -> torch.device:
-    """"auto": the current CUDA device when there is one, else the CPU."""
+    """ "auto": the current CUDA device when there is one, else the CPU."""
     if device == "auto" or device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -55,8 +67,10 @@ def resolve_autocast(autocast, device: torch.device) -> torch.dtype | None:
         if autocast not in DTYPES and not isinstance(autocast, torch.dtype):
             raise ValueError(f"unknown autocast {autocast!r}; use auto, none, bfloat16 or float16")
         return resolve_dtype(autocast)
-    fast = device.type != "cpu" or any(getattr(torch.cpu, f, lambda: False)() for f in
-                                       ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    fast = device.type != "cpu" or any(
+        getattr(torch.cpu, f, lambda: False)()
+        for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
     return torch.bfloat16 if fast else None
 
 
@@ -79,16 +93,29 @@ def read_json(path: str | os.PathLike) -> dict:
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 LAYER_TYPES = ("full_attention", "sliding_attention")
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
-                 "gemma3_text": "Gemma3ForCausalLM"}
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+}
 GEMMA3 = ("gemma3_text", "gemma3")  # "gemma3": multimodal, of which l2v runs the language model
 GEMMA_2_3 = ("gemma2", *GEMMA3)
 # What transformers' Gemma3TextConfig assumes for a key that a file leaves out: multimodal Gemma 3 files
 # hold their text_config as the difference from these defaults (often just the sizes that differ).
-GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262_208, hidden_size=2304, intermediate_size=9216,
-                            num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
-                            max_position_embeddings=131_072)
+GEMMA3_TEXT_DEFAULTS = dict(
+    vocab_size=262_208,
+    hidden_size=2304,
+    intermediate_size=9216,
+    num_hidden_layers=26,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=256,
+    max_position_embeddings=131_072,
+)
 
 
 def _is_number(value) -> bool:
@@ -137,8 +164,12 @@ def _flag(hf: dict, key: str, source: str, default: bool = False) -> bool:
 
 ROPE_KEYS = {  # what each scaling reads, and what each value must be
     "linear": {"factor": "> 0"},
-    "llama3": {"factor": "> 0", "low_freq_factor": "> 0", "high_freq_factor": "> low_freq_factor",
-               "original_max_position_embeddings": "an integer >= 1"},
+    "llama3": {
+        "factor": "> 0",
+        "low_freq_factor": "> 0",
+        "high_freq_factor": "> low_freq_factor",
+        "original_max_position_embeddings": "an integer >= 1",
+    },
 }
 
 
@@ -153,8 +184,10 @@ def _check_rope_scaling(rope: dict, key: str, source: str) -> None:
         elif want == "> low_freq_factor":
             ok = ok and v > rope["low_freq_factor"]
         if not ok:
-            raise ValueError(f"{source}: {key}.{k} must be {'a finite number ' * (not want.startswith('an'))}"
-                             f"{want} for rope_type {rope['rope_type']!r}, got {v!r}")
+            raise ValueError(
+                f"{source}: {key}.{k} must be {'a finite number ' * (not want.startswith('an'))}"
+                f"{want} for rope_type {rope['rope_type']!r}, got {v!r}"
+            )
 
 
 def _rope(hf: dict, source: str, default_theta: float) -> tuple[float, dict | None, float | None]:
@@ -168,8 +201,10 @@ def _rope(hf: dict, source: str, default_theta: float) -> tuple[float, dict | No
     if "full_attention" in params or "sliding_attention" in params:
         local, params = dict(params.get("sliding_attention") or {}), dict(params.get("full_attention") or {})
         if local.get("rope_type", "default") != "default":
-            raise ValueError(f"{source}: unsupported rope_parameters.sliding_attention type "
-                             f"{local['rope_type']!r}; l2v scales the global layers' RoPE only")
+            raise ValueError(
+                f"{source}: unsupported rope_parameters.sliding_attention type "
+                f"{local['rope_type']!r}; l2v scales the global layers' RoPE only"
+            )
     key = "rope_theta" if "rope_theta" in hf else "rope_parameters.rope_theta"
     theta = _real({key: hf.get("rope_theta", params.get("rope_theta"))}, key, source, default_theta)
     rope = dict(hf.get("rope_scaling") or {})
@@ -198,8 +233,9 @@ def _layer_types(hf: dict, mt: str, n_layers: int, source: str) -> list[str] | N
         if mt in GEMMA3:  # every pattern-th layer global
             pattern = hf.get("sliding_window_pattern", 6)
             if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern < 1:
-                raise ValueError(f"{source}: sliding_window_pattern must be a positive integer, "
-                                 f"got {pattern!r}")
+                raise ValueError(
+                    f"{source}: sliding_window_pattern must be a positive integer, got {pattern!r}"
+                )
             return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)]
         if mt in ("qwen2", "qwen3"):  # the layers from max_window_layers on
             first = _integer(hf, "max_window_layers", source, 28, minimum=0)
@@ -238,11 +274,15 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     supported = "gelu_pytorch_tanh" if gemma else "silu"  # what each family's checkpoints were trained with
     if act != supported:
         raise ValueError(f"{source}: unsupported {act_key} {act!r}; l2v runs {mt} with {supported!r}")
-    cfg = ModelConfig(**_sizes(hf, source, gemma or mt == "qwen3"), act=act, model_type=mt, extra=dict(hf),
-                      norm_eps=_real(hf, "rms_norm_eps", source, 1e-6),
-                      tie_word_embeddings=_flag(hf, "tie_word_embeddings", source, gemma),
-                      attention_dropout=_real(hf, "attention_dropout", source, 0.0, lambda v: 0 <= v < 1,
-                                              "in [0, 1)"))
+    cfg = ModelConfig(
+        **_sizes(hf, source, gemma or mt == "qwen3"),
+        act=act,
+        model_type=mt,
+        extra=dict(hf),
+        norm_eps=_real(hf, "rms_norm_eps", source, 1e-6),
+        tie_word_embeddings=_flag(hf, "tie_word_embeddings", source, gemma),
+        attention_dropout=_real(hf, "attention_dropout", source, 0.0, lambda v: 0 <= v < 1, "in [0, 1)"),
+    )
     n_layers = cfg.n_layers
     cfg.rope_theta, cfg.rope_scaling, cfg.local_rope_theta = _rope(hf, source, 1e6 if mt in GEMMA3 else 1e4)
     if mt == "qwen2":
@@ -276,18 +316,26 @@ def _sizes(hf: dict, source: str, needs_head_dim: bool) -> dict:
     dim, n_heads = _integer(hf, "hidden_size", source), _integer(hf, "num_attention_heads", source)
     n_kv_heads = _integer(hf, "num_key_value_heads", source, n_heads)
     if n_heads % n_kv_heads:
-        raise ValueError(f"{source}: num_key_value_heads {n_kv_heads} does not divide "
-                         f"num_attention_heads {n_heads}")
+        raise ValueError(
+            f"{source}: num_key_value_heads {n_kv_heads} does not divide num_attention_heads {n_heads}"
+        )
     if needs_head_dim and hf.get("head_dim") is None:
-        raise ValueError(f"{source}: missing head_dim ({hf['model_type']}: not hidden_size / "
-                         "num_attention_heads)")
+        raise ValueError(
+            f"{source}: missing head_dim ({hf['model_type']}: not hidden_size / num_attention_heads)"
+        )
     head_dim = _integer(hf, "head_dim", source, dim // n_heads)
     if head_dim % 2:
         raise ValueError(f"{source}: head_dim must be even (RoPE rotates two halves), got {head_dim}")
-    return dict(vocab_size=_integer(hf, "vocab_size", source), dim=dim,
-                n_layers=_integer(hf, "num_hidden_layers", source), n_heads=n_heads, n_kv_heads=n_kv_heads,
-                head_dim=head_dim, intermediate_size=_integer(hf, "intermediate_size", source),
-                max_position_embeddings=_integer(hf, "max_position_embeddings", source, 4096))
+    return dict(
+        vocab_size=_integer(hf, "vocab_size", source),
+        dim=dim,
+        n_layers=_integer(hf, "num_hidden_layers", source),
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        head_dim=head_dim,
+        intermediate_size=_integer(hf, "intermediate_size", source),
+        max_position_embeddings=_integer(hf, "max_position_embeddings", source, 4096),
+    )
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
@@ -296,11 +344,21 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     multimodal Gemma 3 is written as its language model alone (`gemma3_text`)."""
     hf = {k: v for k, v in cfg.extra.items() if k != "rope_parameters"}
     mt = "gemma3_text" if cfg.model_type == "gemma3" else cfg.model_type
-    hf.update(model_type=mt, vocab_size=cfg.vocab_size, hidden_size=cfg.dim, num_hidden_layers=cfg.n_layers,
-              num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
-              intermediate_size=cfg.intermediate_size, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
-              rope_scaling=cfg.rope_scaling, max_position_embeddings=cfg.max_position_embeddings,
-              tie_word_embeddings=cfg.tie_word_embeddings)
+    hf.update(
+        model_type=mt,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.dim,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim,
+        intermediate_size=cfg.intermediate_size,
+        rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta,
+        rope_scaling=cfg.rope_scaling,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+    )
     hf["hidden_activation" if mt in GEMMA_2_3 else "hidden_act"] = cfg.act
     hf.setdefault("architectures", [ARCHITECTURES[mt]])
     if mt == "llama":
@@ -335,8 +393,12 @@ def l2v_key_to_hf(key: str) -> str:
 # Multimodal Gemma 3 files keep the language model under one of two prefixes (transformers writes the first,
 # its modules are named by the second); l2v does not read the vision tower and its projector.
 TEXT_PREFIXES = ("language_model.model.", "model.language_model.")
-VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
-                   "model.multi_modal_projector.")
+VISION_PREFIXES = (
+    "vision_tower.",
+    "multi_modal_projector.",
+    "model.vision_tower.",
+    "model.multi_modal_projector.",
+)
 
 
 def hf_name_to_l2v(name: str, model_type: str) -> str | None:
@@ -344,7 +406,7 @@ def hf_name_to_l2v(name: str, model_type: str) -> str | None:
     if model_type == "gemma3":
         if name.startswith(VISION_PREFIXES):
             return None
-        name = next((name[len(p):] for p in TEXT_PREFIXES if name.startswith(p)), name)
+        name = next((name[len(p) :] for p in TEXT_PREFIXES if name.startswith(p)), name)
         name = name.removeprefix("language_model.")  # language_model.lm_head.weight
     return name.removeprefix("model.")
 
@@ -377,7 +439,9 @@ def read_safetensors(path: Path, dtype: torch.dtype):
     copies. Two threads overlap one group's reads with another's casts (docs/performance.md)."""
     try:
         with safe_open(path, framework="pt") as f:
-            groups = consecutive_groups(list(f.keys()), lambda n: math.prod(f.get_slice(n).get_shape()), GROUP_ELEMENTS)
+            groups = consecutive_groups(
+                list(f.keys()), lambda n: math.prod(f.get_slice(n).get_shape()), GROUP_ELEMENTS
+            )
         with ThreadPoolExecutor(2) as pool:
             for group, tensors in zip(groups, pool.map(lambda g: _read_group(path, g, dtype), groups)):
                 yield from zip(group, tensors)
@@ -396,8 +460,9 @@ def weight_files(folder: str | os.PathLike) -> list[Path]:
             raise ValueError(f"{index}: no 'weight_map' object")
         bad = next((k for k, v in weight_map.items() if not isinstance(v, str) or Path(v).name != v), None)
         if bad is not None:
-            raise ValueError(f"{index}: weight_map[{bad!r}] must be a file name in the folder, "
-                             f"got {weight_map[bad]!r}")
+            raise ValueError(
+                f"{index}: weight_map[{bad!r}] must be a file name in the folder, got {weight_map[bad]!r}"
+            )
         files = [folder / name for name in dict.fromkeys(weight_map.values())]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
@@ -407,8 +472,10 @@ def weight_files(folder: str | os.PathLike) -> list[Path]:
     if single.is_file():
         return [single]
     if any(folder.glob("*.bin")) or any(folder.glob("*.pth")):
-        raise ValueError(f"{folder}: only pickle weights (.bin/.pth) found; l2v loads safetensors only "
-                         "(convert with `safetensors` once, in an environment you trust)")
+        raise ValueError(
+            f"{folder}: only pickle weights (.bin/.pth) found; l2v loads safetensors only "
+            "(convert with `safetensors` once, in an environment you trust)"
+        )
     raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
 
 
@@ -454,28 +521,41 @@ def check_weights(folder: str | os.PathLike, model: Transformer) -> dict[str, st
             if key in names:
                 raise ValueError(f"{path}: tensor {hf_key!r} also in {origin[key]}")
             if key in expected and shape != tuple(expected[key].shape):
-                raise ValueError(f"{path}: tensor {hf_key!r} has shape {shape}, "
-                                 f"config.json implies {tuple(expected[key].shape)}")
+                raise ValueError(
+                    f"{path}: tensor {hf_key!r} has shape {shape}, "
+                    f"config.json implies {tuple(expected[key].shape)}"
+                )
             if key in expected and not dtype.startswith(("F", "BF")):  # F64 F32 F16 BF16 F8_*
-                raise ValueError(f"{path}: tensor {hf_key!r} has dtype {DTYPE_NAMES.get(dtype, dtype)}; "
-                                 "model weights are floating point")
+                raise ValueError(
+                    f"{path}: tensor {hf_key!r} has dtype {DTYPE_NAMES.get(dtype, dtype)}; "
+                    "model weights are floating point"
+                )
             names[key], origin[key] = hf_key, path.name
     missing = sorted(set(expected) - set(names))
     unexpected = sorted(set(names) - set(expected))
     if missing or unexpected:
+
         def show(keys):
             shown = [names.get(k, l2v_key_to_hf(k)) for k in keys]  # the file's own names where known
             return ", ".join(shown[:20]) + (" ..." if len(shown) > 20 else "")
-        raise ValueError(f"{folder}: weights do not match config.json: {len(missing)} missing "
-                         f"[{show(missing)}]; {len(unexpected)} unexpected [{show(unexpected)}]")
+
+        raise ValueError(
+            f"{folder}: weights do not match config.json: {len(missing)} missing "
+            f"[{show(missing)}]; {len(unexpected)} unexpected [{show(unexpected)}]"
+        )
     return names
 
 
 DTYPE_NAMES = {"I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
-def load_model(folder: str | os.PathLike, dtype="float32", device="cpu", is_causal: bool | None = None,
-               attention_dropout: float | None = None) -> Transformer:
+def load_model(
+    folder: str | os.PathLike,
+    dtype="float32",
+    device="cpu",
+    is_causal: bool | None = None,
+    attention_dropout: float | None = None,
+) -> Transformer:
     """Build on `meta`, check the files' headers against it, then assign tensors read shard by shard: peak
     memory ~ one copy of weights."""
     folder = Path(folder)
@@ -516,20 +596,26 @@ def save_model_with(model: Transformer, dest: str | os.PathLike, files=(), dtype
     return dest
 
 
-def save_model(model: Transformer, folder: str | os.PathLike, dtype=None, max_shard_bytes: int | None = None) -> Path:
+def save_model(
+    model: Transformer, folder: str | os.PathLike, dtype=None, max_shard_bytes: int | None = None
+) -> Path:
     """Write config.json + safetensors (sharded with an index if `max_shard_bytes` is set) in HF layout."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     dtype = resolve_dtype(dtype) if dtype is not None else None
-    tensors = {l2v_key_to_hf(k): (v.to(dtype) if dtype else v).detach().contiguous().cpu()
-               for k, v in model.state_dict().items()}
+    tensors = {
+        l2v_key_to_hf(k): (v.to(dtype) if dtype else v).detach().contiguous().cpu()
+        for k, v in model.state_dict().items()
+    }
     hf = config_to_hf(model.config)
     hf["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     write_text(folder / "config.json", json.dumps(hf, indent=2) + "\n")  # as read: NaN kept, if any
     if max_shard_bytes is None:
         _save(folder / "model.safetensors", tensors)
         return folder
-    shards = consecutive_groups(list(tensors), lambda k: tensors[k].numel() * tensors[k].element_size(), max_shard_bytes)
+    shards = consecutive_groups(
+        list(tensors), lambda k: tensors[k].numel() * tensors[k].element_size(), max_shard_bytes
+    )
     weight_map = {}
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"

@@ -1,5 +1,6 @@
 """What the command lines share: where the demo model and the data live, the one-line error, flag types,
-output-file checks, and the encoder flags of `encode.py` and `eval.py` with building an `Encoder` from them."""
+output-file checks, and the encoder flags of `encode.py` and `eval.py` with building an `Encoder` from
+them."""
 
 from __future__ import annotations
 

@@ -76,8 +76,11 @@ class TrainConfig:
     )
     max_seq_length: int = opt(512, "MNTP block length; contrastive: tokens per text", ">=2")
     mask_probability: float = opt(0.2, "MNTP: share of tokens masked", "in (0, 1)")
-    mask_token: str = opt("blank", "MNTP mask token: '_' (upstream's), EOS, or auto: the tokenizer's own "
-                          "(Gemma's <mask>) else '_'", ("blank", "eos", "auto"))
+    mask_token: str = opt(
+        "blank",
+        "MNTP mask token: '_' (upstream's), EOS, or auto: the tokenizer's own (Gemma's <mask>) else '_'",
+        ("blank", "eos", "auto"),
+    )
     mask_mode: str = opt("80_10_10", "MNTP masking", ("80_10_10", "all_mask"))
     attention_dropout: float = opt(0.0, "attention dropout (SimCSE: 0.3)", "in [0, 1)")
     pooling: str = opt("mean", "contrastive pooling", POOLING_MODES)
@@ -109,7 +112,8 @@ class TrainConfig:
         return asdict(self)
 
     def local(self) -> TrainConfig:
-        """Hub ids in `model` and `init_adapter` -> their snapshot folders (`l2v.hub`; downloaded if needed)."""
+        """Hub ids in `model` and `init_adapter` -> their snapshot folders (`l2v.hub`; downloaded if
+        needed)."""
         from .hub import resolve
 
         adapters = [str(resolve(a, "adapter")) for a in self.init_adapter]

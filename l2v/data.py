@@ -1,12 +1,13 @@
 """Training data: file readers (UTF-8; errors name the file and line), MNTP blocks and masking as
 upstream's run_mntp.py (HF's run_mlm.py), global batches that do not depend on the world size."""
+
 from __future__ import annotations
 
 import json
 import math
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -35,7 +36,9 @@ def read_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
                 try:
                     line = part.decode("utf-8-sig" if lineno == 1 else "utf-8")
                 except UnicodeDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+                    raise ValueError(
+                        f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})"
+                    ) from None
                 # Only the line ending goes: leading spaces are part of WikiText's raw format
                 # (` = Title = `, ` The game ...`) and tokenize differently without them.
                 yield lineno, line
@@ -59,7 +62,9 @@ def read_records(path: str | os.PathLike) -> list[tuple[str, object]]:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in TEXT_SUFFIXES + (".json", ".jsonl"):
-        raise ValueError(f"{path}: unsupported file type {suffix or '(none)'!r}; expected .txt, .raw, .jsonl or .json")
+        raise ValueError(
+            f"{path}: unsupported file type {suffix or '(none)'!r}; expected .txt, .raw, .jsonl or .json"
+        )
     if suffix == ".json":
         data = parse_json("\n".join(line for _, line in read_lines(path)), str(path), whole_file=True)
         if not isinstance(data, list):
@@ -81,12 +86,12 @@ def field(item, where: str, key: str, default=None) -> str:
     if isinstance(item, str) and (key == "text" or default is not None):
         return field({"text": item}, where, "text") if key == "text" else default
     if not isinstance(item, dict):
-        raise ValueError(f"{where}: expected an object with \"{key}\", got {type(item).__name__}")
+        raise ValueError(f'{where}: expected an object with "{key}", got {type(item).__name__}')
     value = item.get(key, default)
     if value is None:
-        raise ValueError(f"{where}: object has no \"{key}\" field (keys: {sorted(item)[:10]})")
+        raise ValueError(f'{where}: object has no "{key}" field (keys: {sorted(item)[:10]})')
     if not isinstance(value, str):
-        raise ValueError(f"{where}: \"{key}\" must be a string, got {repr(value)[:80]}")
+        raise ValueError(f'{where}: "{key}" must be a string, got {repr(value)[:80]}')
     return valid_unicode(value, where, f'"{key}"')
 
 
@@ -96,7 +101,9 @@ def valid_unicode(text: str, where: str, what: str = "the text") -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ValueError(f"{where}: {what} is not valid Unicode ({e.reason} at character {e.start})") from None
+        raise ValueError(
+            f"{where}: {what} is not valid Unicode ({e.reason} at character {e.start})"
+        ) from None
     return text
 
 
@@ -127,10 +134,12 @@ def read_examples(path: str | os.PathLike, fields=TRIPLE_FIELDS) -> list[dict]:
         for k in fields:
             rec[k] = field(item, where, k)
             if not rec[k].strip():
-                raise ValueError(f"{where}: \"{k}\" is empty")
+                raise ValueError(f'{where}: "{k}" is empty')
         rec["instruction"] = field(item, where, "instruction", "")
-        if fields == PAIR_FIELDS and not (type(rec.get("score")) in (int, float) and math.isfinite(rec["score"])):
-            raise ValueError(f"{where}: \"score\" must be a number, got {rec.get('score')!r}")
+        if fields == PAIR_FIELDS and not (
+            type(rec.get("score")) in (int, float) and math.isfinite(rec["score"])
+        ):
+            raise ValueError(f'{where}: "score" must be a number, got {rec.get("score")!r}')
         if "dataset" in rec:  # global batches are grouped by it
             field(item, where, "dataset")
         out.append(rec)
@@ -150,7 +159,7 @@ def mntp_blocks(tokenizer, texts: Sequence[str], block_size: int, chunk: int = 1
         raise ValueError(f"block_size must be positive, got {block_size}")
     parts = []
     for i in range(0, len(texts), chunk):  # chunks bound the memory of the Python id lists
-        ids = tokenizer.encode_batch(list(texts[i:i + chunk]))
+        ids = tokenizer.encode_batch(list(texts[i : i + chunk]))
         parts.extend(np.asarray(x, dtype=np.int64) for x in ids if len(x))
     flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
     n = len(flat) // block_size
@@ -180,9 +189,17 @@ def mask_token_id(tokenizer, kind: str = "auto") -> int:
     raise ValueError(f"unknown mask token kind {kind!r}: expected auto, blank or eos")
 
 
-def mask_tokens(input_ids: torch.Tensor, *, mask_id: int, special_ids: Sequence[int], vocab_size: int,
-                probability: float = 0.2, mode: str = "80_10_10", generator: torch.Generator | None = None,
-                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_tokens(
+    input_ids: torch.Tensor,
+    *,
+    mask_id: int,
+    special_ids: Sequence[int],
+    vocab_size: int,
+    probability: float = 0.2,
+    mode: str = "80_10_10",
+    generator: torch.Generator | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """MLM-style masking for MNTP. Returns (masked input_ids, labels), both (B, T) int64.
 
     Each eligible token is selected with `probability` (independent draws, as HF's collator). Of the
@@ -226,7 +243,9 @@ def mask_tokens(input_ids: torch.Tensor, *, mask_id: int, special_ids: Sequence[
 # ----------------------------------------------------------------------------- batching
 
 
-def batches(n: int, batch_size: int, *, seed: int, epoch: int = 0, groups: Sequence | None = None) -> list[list[int]]:
+def batches(
+    n: int, batch_size: int, *, seed: int, epoch: int = 0, groups: Sequence | None = None
+) -> list[list[int]]:
     """One epoch of GLOBAL batches of indices into n items, deterministic in (seed, epoch) and
     independent of the world size; the remainder is dropped. `groups` (one label per item, e.g. the
     source dataset of supervised triples): each batch draws from one group, and the batches' order is
@@ -241,7 +260,7 @@ def batches(n: int, batch_size: int, *, seed: int, epoch: int = 0, groups: Seque
     out = []
     for pool in pools:
         order = rng.permutation(pool)
-        out += [order[i:i + batch_size].tolist() for i in range(0, len(order) - batch_size + 1, batch_size)]
+        out += [order[i : i + batch_size].tolist() for i in range(0, len(order) - batch_size + 1, batch_size)]
     return [out[i] for i in rng.permutation(len(out))] if groups is not None else out
 
 

@@ -14,6 +14,7 @@ not pool it. Deliberate differences from upstream, none of which changes a singl
   - a chat template is chosen explicitly, not by the model's hub name, and stays outside the pooling
     (`upstream_template=True`: inside, as upstream, which counts its closing tokens as the text's).
 """
+
 from __future__ import annotations
 
 import os
@@ -65,12 +66,16 @@ def pool_weights(mode: str, embed_mask, input_ids=None, bos_id: int | None = Non
         w[-1:] = 1
     elif mode == "bos_token":
         if input_ids is None or bos_id is None:
-            raise ValueError("bos_token pooling needs the input ids and a BOS id (this tokenizer may have no BOS)")
+            raise ValueError(
+                "bos_token pooling needs the input ids and a BOS id (this tokenizer may have no BOS)"
+            )
         w = (np.asarray(input_ids) == bos_id).astype(np.float32)
     else:
         raise ValueError(f"unknown pooling mode {mode!r}; choose one of {POOLING_MODES}")
     if w.sum() == 0:
-        raise ValueError(f"{mode} pooling: no position to pool" + (" (no BOS token)" if mode == "bos_token" else ""))
+        raise ValueError(
+            f"{mode} pooling: no position to pool" + (" (no BOS token)" if mode == "bos_token" else "")
+        )
     return w / w.sum()  # normalise the weights first, then one weighted sum (as upstream)
 
 
@@ -101,6 +106,7 @@ def pack(lengths: list[int], row_tokens: int) -> list[list[int]]:
 class Batch:
     """Packed texts: input_ids, segments (0 = padding, k = the row's k-th text), pooling weights and
     the index of each token's text in `texts` (all (R, T)); `texts` = the texts' input positions, sorted."""
+
     input_ids: torch.Tensor
     segments: torch.Tensor
     weights: torch.Tensor
@@ -120,10 +126,10 @@ def collate(rows: list[list[int]], prepared: list[tuple[list[int], np.ndarray]],
         t = 0
         for k, i in enumerate(row, 1):
             x, w = prepared[i]
-            ids[r, t:t + len(x)] = torch.tensor(x)
-            weights[r, t:t + len(x)] = torch.from_numpy(w)
-            seg[r, t:t + len(x)] = k
-            index[r, t:t + len(x)] = out_pos[i]
+            ids[r, t : t + len(x)] = torch.tensor(x)
+            weights[r, t : t + len(x)] = torch.from_numpy(w)
+            seg[r, t : t + len(x)] = k
+            index[r, t : t + len(x)] = out_pos[i]
             t += len(x)
     return Batch(ids, seg, weights, index, texts)
 
@@ -144,7 +150,9 @@ def shorten_by_words(text: str, count_tokens, doc_max_length: int) -> str:
 
 def missing_template_tokens(name: str, tokenizer: Tokenizer) -> list[str]:
     """The special tokens (<|...|>, <...>) of a chat template that this vocabulary lacks."""
-    return [t for t in re.findall(TEMPLATE_TOKEN, "".join(CHAT_TEMPLATES[name])) if tokenizer.token_id(t) is None]
+    return [
+        t for t in re.findall(TEMPLATE_TOKEN, "".join(CHAT_TEMPLATES[name])) if tokenizer.token_id(t) is None
+    ]
 
 
 def eos_suffix_for(model_type: str, tokenizer: Tokenizer) -> str:
@@ -164,27 +172,55 @@ def eos_suffix_for(model_type: str, tokenizer: Tokenizer) -> str:
 class Encoder:
     """A model + tokenizer + encoding settings. `encode` for inference, `embed` for training."""
 
-    def __init__(self, model, tokenizer: Tokenizer, pooling: str = "mean", max_length: int = 512,
-                 doc_max_length: int = 400, skip_instruction: bool = True, chat_template: str | None = None,
-                 eos_suffix: str = " </s>", prompt: str | None = None, autocast=None, row_tokens: int = 128,
-                 upstream_template: bool = False):
+    def __init__(
+        self,
+        model,
+        tokenizer: Tokenizer,
+        pooling: str = "mean",
+        max_length: int = 512,
+        doc_max_length: int = 400,
+        skip_instruction: bool = True,
+        chat_template: str | None = None,
+        eos_suffix: str = " </s>",
+        prompt: str | None = None,
+        autocast=None,
+        row_tokens: int = 128,
+        upstream_template: bool = False,
+    ):
         if pooling not in POOLING_MODES:
             raise ValueError(f"unknown pooling mode {pooling!r}; choose one of {POOLING_MODES}")
         if chat_template == "auto":  # the template whose special tokens this vocabulary has, if any
-            chat_template = next((n for n in CHAT_TEMPLATES if re.search(TEMPLATE_TOKEN, "".join(CHAT_TEMPLATES[n]))
-                                  and not missing_template_tokens(n, tokenizer)), None)
+            chat_template = next(
+                (
+                    n
+                    for n in CHAT_TEMPLATES
+                    if re.search(TEMPLATE_TOKEN, "".join(CHAT_TEMPLATES[n]))
+                    and not missing_template_tokens(n, tokenizer)
+                ),
+                None,
+            )
         if chat_template is not None and chat_template not in CHAT_TEMPLATES:
-            raise ValueError(f"unknown chat template {chat_template!r}; choose one of {sorted(CHAT_TEMPLATES)}")
-        if chat_template is not None and missing_template_tokens(chat_template, tokenizer):
-            raise ValueError(f"chat template {chat_template!r}: tokens {missing_template_tokens(chat_template, tokenizer)} "
-                             "are not in this vocabulary")
+            raise ValueError(
+                f"unknown chat template {chat_template!r}; choose one of {sorted(CHAT_TEMPLATES)}"
+            )
+        missing = missing_template_tokens(chat_template, tokenizer) if chat_template is not None else []
+        if missing:
+            raise ValueError(f"chat template {chat_template!r}: tokens {missing} are not in this vocabulary")
         prompt = check_prompt(valid_unicode(prompt, "prompt", "the template") if prompt else None, "prompt")
-        for name, value in (("max_length", max_length), ("doc_max_length", doc_max_length), ("row_tokens", row_tokens)):
+        for name, value in (
+            ("max_length", max_length),
+            ("doc_max_length", doc_max_length),
+            ("row_tokens", row_tokens),
+        ):
             if type(value) is not int or value < 1:  # `type is`: a bool is not a length
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.model, self.tokenizer = model, tokenizer
         self.pooling, self.max_length, self.doc_max_length = pooling, max_length, doc_max_length
-        self.skip_instruction, self.chat_template, self.eos_suffix = skip_instruction, chat_template, eos_suffix
+        self.skip_instruction, self.chat_template, self.eos_suffix = (
+            skip_instruction,
+            chat_template,
+            eos_suffix,
+        )
         self.prompt, self.row_tokens, self.upstream_template = prompt, row_tokens, upstream_template
         self.settings_sources: list[str] = []  # the files `from_pretrained` took settings from
         self.source = "the model"  # where the weights came from, for messages
@@ -192,21 +228,35 @@ class Encoder:
         self.autocast = None if autocast in (None, "none") else resolve_dtype(autocast)
 
     @classmethod
-    def from_pretrained(cls, model_dir, adapters=(), is_causal: bool | None = None, dtype="float32",
-                        pooling: str | None = None, max_length: int | None = None,
-                        doc_max_length: int | None = None, skip_instruction: bool | None = None,
-                        chat_template: str | None = None, prompt: str | None = None, device="auto",
-                        autocast="auto", check_inputs=None, check_adapters: bool = True,
-                        upstream_template: bool = False) -> "Encoder":
+    def from_pretrained(
+        cls,
+        model_dir,
+        adapters=(),
+        is_causal: bool | None = None,
+        dtype="float32",
+        pooling: str | None = None,
+        max_length: int | None = None,
+        doc_max_length: int | None = None,
+        skip_instruction: bool | None = None,
+        chat_template: str | None = None,
+        prompt: str | None = None,
+        device="auto",
+        autocast="auto",
+        check_inputs=None,
+        check_adapters: bool = True,
+        upstream_template: bool = False,
+    ) -> Encoder:
         """Base model, then each PEFT adapter merged in order (MNTP, then SimCSE/supervised); each a folder or
         a Hugging Face hub id (`l2v.hub`), and a model that is itself an adapter (upstream's `...-mntp`
         repositories) loads the base model its adapter_config.json names, then merges it first. Settings: the
         arguments, else the folders' settings files (`l2v.settings`; the last adapter's first), else
         upstream's defaults (bidirectional, mean). dtype: the weights' (bf16 halves memory); autocast: the
-        matmuls' only; device and autocast "auto" as the command lines: CUDA and bf16 where available and fast.
+        matmuls' only; device and autocast "auto" as the command lines: CUDA and bf16 where available and
+        fast.
         Every file, the adapters' shapes and order (`check_adapters`) and `check_inputs` are checked before
         the weights load."""
         from .adapters import load_adapter, read_adapter  # written separately; only needed here
+
         path = (str, os.PathLike)
         if not isinstance(model_dir, path):
             raise TypeError(f"model_dir must be a folder path, got {type(model_dir).__name__}")
@@ -225,11 +275,20 @@ class Encoder:
 
         def pick(value, key):
             return value if value is not None else cfg[key]
-        enc = cls(None, tok, pooling=pick(pooling, "pooling_mode"), max_length=pick(max_length, "max_length"),
-                  doc_max_length=pick(doc_max_length, "doc_max_length"),
-                  skip_instruction=pick(skip_instruction, "skip_instruction"), chat_template=chat_template,
-                  prompt=pick(prompt, "prompt") or None, eos_suffix=eos_suffix_for(model_cfg.model_type, tok),
-                  autocast=resolve_autocast(autocast, device), upstream_template=upstream_template)
+
+        enc = cls(
+            None,
+            tok,
+            pooling=pick(pooling, "pooling_mode"),
+            max_length=pick(max_length, "max_length"),
+            doc_max_length=pick(doc_max_length, "doc_max_length"),
+            skip_instruction=pick(skip_instruction, "skip_instruction"),
+            chat_template=chat_template,
+            prompt=pick(prompt, "prompt") or None,
+            eos_suffix=eos_suffix_for(model_cfg.model_type, tok),
+            autocast=resolve_autocast(autocast, device),
+            upstream_template=upstream_template,
+        )
         enc.settings_sources, enc.source = sources, " + ".join(map(str, [model_dir, *adapters]))
         meta = meta_model(model_cfg)
         for folder in adapters:
@@ -239,8 +298,12 @@ class Encoder:
         if check_inputs is not None:
             enc.prepare_inputs(check_inputs)
         # Merge adapters in float32 and cast afterwards: B @ A added to bf16 weights would lose most of it.
-        model = load_model(model_dir, dtype=torch.float32 if adapters else dtype, device=device,
-                           is_causal=bool(pick(is_causal, "is_causal")))
+        model = load_model(
+            model_dir,
+            dtype=torch.float32 if adapters else dtype,
+            device=device,
+            is_causal=bool(pick(is_causal, "is_causal")),
+        )
         for folder in adapters:
             load_adapter(model, folder, merge=True)
         for p in model.parameters():  # parameters only: the RoPE inv_freq buffer stays float32
@@ -290,8 +353,10 @@ class Encoder:
         room = self.max_length - len(tail)
         n_before = len(self.tokenizer.encode(before + head, add_special_tokens=True)) if before or head else 0
         if n_before >= room:
-            raise ValueError(f"input {index}: the instruction and template take {n_before} of the "
-                             f"{self.max_length} tokens of max_length: no room for the text")
+            raise ValueError(
+                f"input {index}: the instruction and template take {n_before} of the "
+                f"{self.max_length} tokens of max_length: no room for the text"
+            )
         ids = ids[:room]  # cut from the right; a template's closing tokens survive
         # The embed mask is a COUNT from the end, not an alignment (upstream, and how the published
         # LLM2Vec models got their numbers): when the text tokenizes differently inside the string, or
@@ -308,18 +373,24 @@ class Encoder:
     def prepare_inputs(self, inputs) -> list[tuple[list[int], np.ndarray]]:
         """Inputs -> [(input_ids, pooling weights)], one per input."""
         if isinstance(inputs, (str, tuple)):
-            raise TypeError("inputs: expected a list of strings and/or (instruction, text) pairs, got a "
-                            f"bare {type(inputs).__name__} (wrap one input in a list)")
+            raise TypeError(
+                "inputs: expected a list of strings and/or (instruction, text) pairs, got a "
+                f"bare {type(inputs).__name__} (wrap one input in a list)"
+            )
         if isinstance(inputs, (bytes, dict)) or not hasattr(inputs, "__iter__"):
-            raise TypeError("inputs: expected a list of strings and/or (instruction, text) pairs, got "
-                            f"{type(inputs).__name__}")
+            raise TypeError(
+                "inputs: expected a list of strings and/or (instruction, text) pairs, got "
+                f"{type(inputs).__name__}"
+            )
         out = []
         for i, item in enumerate(inputs):
             if isinstance(item, str):
                 item = ("", item)
             if not (isinstance(item, (tuple, list)) and len(item) == 2):
-                raise TypeError(f"input {i}: expected a string or an (instruction, text) pair, got {type(item).__name__}"
-                                + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else ""))
+                raise TypeError(
+                    f"input {i}: expected a string or an (instruction, text) pair, got {type(item).__name__}"
+                    + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else "")
+                )
             ids, mask = self.prepare(item[0], item[1], i)
             out.append((ids, pool_weights(self.pooling, mask, ids, self.tokenizer.bos_id)))
         return out
@@ -333,7 +404,11 @@ class Encoder:
         groups, T = [[]], 0
         for row, n in zip(rows, lengths):
             T_new = max(T, n)
-            if groups[-1] and max_batch_tokens is not None and T_new * (len(groups[-1]) + 1) > max_batch_tokens:
+            if (
+                groups[-1]
+                and max_batch_tokens is not None
+                and T_new * (len(groups[-1]) + 1) > max_batch_tokens
+            ):
                 groups.append([])
                 T_new = n
             groups[-1].append(row)
@@ -347,12 +422,19 @@ class Encoder:
         `model`: another callable on the same weights (e.g. training's DDP wrapper); default self.model."""
         model = model or self.model
         device = next(model.parameters()).device
-        segments = None if bool((batch.segments == 1).all()) else batch.segments.to(device)  # checked on the CPU
+        segments = (
+            None if bool((batch.segments == 1).all()) else batch.segments.to(device)
+        )  # checked on the CPU
         hidden = model(batch.input_ids.to(device), segments)  # (R, T, D)
         return pool(hidden, batch.weights, batch.index, len(batch.texts))
 
-    def encode(self, inputs, max_batch_tokens: int | None = None, normalize: bool = False,
-               show_progress: bool = False) -> np.ndarray:
+    def encode(
+        self,
+        inputs,
+        max_batch_tokens: int | None = None,
+        normalize: bool = False,
+        show_progress: bool = False,
+    ) -> np.ndarray:
         """Inputs (strings and/or (instruction, text) pairs) -> float32 array [N, D] in input order.
         max_batch_tokens: tokens per forward pass (default: `default_batch_tokens`)."""
         if isinstance(inputs, str):
@@ -372,8 +454,12 @@ class Encoder:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.inference_mode(), torch.autocast(device.type, dtype=self.autocast or torch.bfloat16,
-                                                        enabled=self.autocast is not None):
+            with (
+                torch.inference_mode(),
+                torch.autocast(
+                    device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None
+                ),
+            ):
                 for batch in batches:
                     emb = self.embed(batch)
                     if normalize:

@@ -19,9 +19,9 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -216,8 +216,9 @@ def read_jsonl_docs(path) -> list[tuple[str, dict]]:
     return rows
 
 
-def check_qrels(qrels: dict, where: dict, corpus: dict, queries: dict, corpus_file, queries_file,
-                qrels_file) -> dict:
+def check_qrels(
+    qrels: dict, where: dict, corpus: dict, queries: dict, corpus_file, queries_file, qrels_file
+) -> dict:
     """Every judgment must name a known query and document: one that does not is a mismatched file."""
     for (qid, did), at in where.items():
         if did not in corpus:
@@ -265,8 +266,15 @@ def read_beir(folder: str | os.PathLike, split: str = "test"):
         corpus[str(row["_id"])] = (title + " " + row["text"]).strip()
     queries = {str(r["_id"]): sentence(r["text"], w) for w, r in read_jsonl_docs(folder / "queries.jsonl")}
     qrels, where = read_qrels_tsv(folder / "qrels" / f"{split}.tsv")
-    check_qrels(qrels, where, corpus, queries, folder / "corpus.jsonl", folder / "queries.jsonl",
-                folder / "qrels" / f"{split}.tsv")
+    check_qrels(
+        qrels,
+        where,
+        corpus,
+        queries,
+        folder / "corpus.jsonl",
+        folder / "queries.jsonl",
+        folder / "qrels" / f"{split}.tsv",
+    )
     return corpus, queries, qrels
 
 
@@ -276,7 +284,8 @@ SMART_FIELDS = (".T", ".A", ".B", ".W")
 def read_smart(path) -> list[tuple[str, dict[str, str]]]:
     """SMART records (`.I id` then `.T/.A/.B/.W` fields) -> [(id, {"T": text, ...})] in file order.
     .W is always the last field, so a marker line after it is stray and skipped, keeping the abstract whole
-    (cran.all.1400 docs 240/576/578 have such lines). Whitespace, line breaks included, collapses to one space."""
+    (cran.all.1400 docs 240/576/578 have such lines). Whitespace, line breaks included, collapses to one
+    space."""
     records: list[tuple[str, dict[str, list[str]]]] = []
     field = None
     for i, line in read_lines(path):

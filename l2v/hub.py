@@ -7,6 +7,7 @@ Only what l2v reads is fetched: JSON files (configs, tokenizer.json) and safeten
 transformers and peft write them. Never pickles; never Mistral's `consolidated.safetensors`, a second
 copy of the same weights in another layout.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,8 +31,9 @@ def cache_dir() -> Path:
     for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
         if os.environ.get(var):
             return Path(os.path.expandvars(os.environ[var])).expanduser()
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache",
-                                                     "huggingface")
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface"
+    )
     return Path(os.path.expandvars(home)).expanduser() / "hub"
 
 
@@ -39,8 +41,11 @@ def is_hub_id(name) -> bool:
     """`org/name[@revision]` that is not a local path: nothing by that name exists, and its first part is
     not a local folder (so a mistyped `runs/x` stays a missing folder, not a hub look-up)."""
     text = str(name)
-    return (REPO_ID.fullmatch(text) is not None and not Path(text).exists()
-            and not Path(text.split("/")[0]).is_dir())
+    return (
+        REPO_ID.fullmatch(text) is not None
+        and not Path(text).exists()
+        and not Path(text.split("/")[0]).is_dir()
+    )
 
 
 def _hub():
@@ -59,11 +64,18 @@ def resolve(name_or_path, what: str = "model") -> Path:
     repo_id, _, revision = name.partition("@")
     hub = _hub()
     if hub is None:
-        raise OSError(f"{name}: no such folder; to load the {what} of that name from the Hugging Face hub, "
-                      "install huggingface_hub (pip install huggingface_hub)")
+        raise OSError(
+            f"{name}: no such folder; to load the {what} of that name from the Hugging Face hub, "
+            "install huggingface_hub (pip install huggingface_hub)"
+        )
     try:
-        folder = hub.snapshot_download(repo_id, revision=revision or None, allow_patterns=PATTERNS,
-                                       cache_dir=cache_dir(), local_files_only=offline())
+        folder = hub.snapshot_download(
+            repo_id,
+            revision=revision or None,
+            allow_patterns=PATTERNS,
+            cache_dir=cache_dir(),
+            local_files_only=offline(),
+        )
     except Exception as e:  # the hub's error classes moved between versions: classify by name
         raise OSError(hub_error(name, what, e)) from None
     return Path(folder)
@@ -72,23 +84,30 @@ def resolve(name_or_path, what: str = "model") -> Path:
 def hub_error(name: str, what: str, e: Exception) -> str:
     kind = type(e).__name__
     if offline():
-        return (f"{name}: no such folder, and not in the Hugging Face hub cache {cache_dir()} "
-                "(HF_HUB_OFFLINE=1: nothing is downloaded; unset it to download)")
+        return (
+            f"{name}: no such folder, and not in the Hugging Face hub cache {cache_dir()} "
+            "(HF_HUB_OFFLINE=1: nothing is downloaded; unset it to download)"
+        )
     if kind in ("RepositoryNotFoundError", "GatedRepoError"):
-        return (f"{name}: no such folder, and no {what} of that name on the Hugging Face hub that this "
-                "machine may read (private or gated? log in with `hf auth login`)")
+        return (
+            f"{name}: no such folder, and no {what} of that name on the Hugging Face hub that this "
+            "machine may read (private or gated? log in with `hf auth login`)"
+        )
     if kind == "RevisionNotFoundError":
         return f"{name}: the hub repository has no such revision"
     detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return (f"{name}: no such folder, and not in the hub cache {cache_dir()}; the Hugging Face hub could not "
-            f"be reached ({kind}: {detail[:200]})")
+    return (
+        f"{name}: no such folder, and not in the hub cache {cache_dir()}; the Hugging Face hub could not "
+        f"be reached ({kind}: {detail[:200]})"
+    )
 
 
 def is_adapter_only(folder: Path) -> bool:
     """A PEFT adapter without model weights: upstream's published `...-mntp` repositories (adapter,
     config.json, tokenizer) and l2v's own adapter folders."""
     return (folder / "adapter_config.json").is_file() and not any(
-        (folder / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json"))
+        (folder / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")
+    )
 
 
 def adapter_base(folder: Path) -> str:
@@ -112,8 +131,10 @@ def resolve_model(model, adapters=()) -> tuple[Path, list[Path], Path]:
         adapters.insert(0, base)
         tokenizer, base = base, resolve(adapter_base(base), "model")
         if is_adapter_only(base):
-            raise ValueError(f"{adapters[0]}: its base model {base} is an adapter too; pass the base model "
-                             "and the adapters in order instead")
+            raise ValueError(
+                f"{adapters[0]}: its base model {base} is an adapter too; pass the base model "
+                "and the adapters in order instead"
+            )
         if not (tokenizer / "tokenizer.json").is_file():
             tokenizer = base
     return base, adapters, tokenizer

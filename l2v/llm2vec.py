@@ -19,6 +19,7 @@ Differences that change no embedding beyond float rounding:
     its first two characters); a bare string is one text; an empty text is an error, not pooled padding.
 Upstream arguments l2v cannot honour (quantization, device maps over layers, ...) are a ValueError.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,7 +30,8 @@ import torch
 from .checkpoint import read_json, resolve_device, resolve_dtype
 from .encoder import Encoder, default_batch_tokens
 from .hub import adapter_base, is_hub_id, resolve_model
-from .settings import DEFAULTS as SETTINGS, UPSTREAM_KEYS, read_settings
+from .settings import DEFAULTS as SETTINGS
+from .settings import UPSTREAM_KEYS, read_settings
 
 DEFAULTS = {k: SETTINGS[k] for k in UPSTREAM_KEYS}  # upstream's four, with upstream's defaults
 # Upstream chose the chat template by the base model's hub name (LLM2Vec.prepare_for_tokenization).
@@ -42,8 +44,12 @@ TEMPLATES_BY_NAME = {
     "google/gemma-2-9b-it": "gemma",
 }
 # transformers loading arguments that change nothing here (see the module docstring).
-IGNORED = {"attn_implementation": ("sdpa", "eager", "flash_attention_2", None), "trust_remote_code": None,
-           "low_cpu_mem_usage": None, "use_safetensors": (True, None)}
+IGNORED = {
+    "attn_implementation": ("sdpa", "eager", "flash_attention_2", None),
+    "trust_remote_code": None,
+    "low_cpu_mem_usage": None,
+    "use_safetensors": (True, None),
+}
 HINTS = {
     "load_in_4bit": "l2v loads float32, bfloat16 or float16 weights, not quantized ones",
     "load_in_8bit": "l2v loads float32, bfloat16 or float16 weights, not quantized ones",
@@ -69,8 +75,10 @@ def device_from_map(device_map) -> torch.device:
     if isinstance(device_map, int) and not isinstance(device_map, bool):
         device_map = f"cuda:{device_map}"
     if isinstance(device_map, str) and device_map in ("balanced", "balanced_low_0", "sequential"):
-        raise ValueError(f"device_map: {device_map!r} spreads the model over devices; l2v puts it on one "
-                         "(use 'auto', 'cuda', 'cuda:N' or 'cpu')")
+        raise ValueError(
+            f"device_map: {device_map!r} spreads the model over devices; l2v puts it on one "
+            "(use 'auto', 'cuda', 'cuda:N' or 'cpu')"
+        )
     return resolve_device(device_map)
 
 
@@ -91,9 +99,11 @@ def check_kwargs(kwargs: dict) -> None:
         if key not in IGNORED or (IGNORED[key] is not None and value not in IGNORED[key]):
             bad.append(f"{key}={value!r}" + (f" ({HINTS[key]})" if key in HINTS else ""))
     if bad:
-        raise ValueError(f"LLM2Vec.from_pretrained: unsupported argument(s) {', '.join(bad)}; l2v takes "
-                         "pooling_mode, max_length, doc_max_length, skip_instruction, torch_dtype, "
-                         "device_map, revision and attn_implementation")
+        raise ValueError(
+            f"LLM2Vec.from_pretrained: unsupported argument(s) {', '.join(bad)}; l2v takes "
+            "pooling_mode, max_length, doc_max_length, skip_instruction, torch_dtype, "
+            "device_map, revision and attn_implementation"
+        )
 
 
 def hub_name(given, base: Path, adapter_first: Path | None) -> str:
@@ -113,6 +123,7 @@ def _setting(name: str, doc: str) -> property:
 
     def put(self, value):
         setattr(self.encoder, name, value)
+
     return property(get, put, doc=doc)
 
 
@@ -121,8 +132,10 @@ class LLM2Vec:
 
     def __init__(self, encoder: Encoder):
         if not isinstance(encoder, Encoder):
-            raise TypeError("LLM2Vec(encoder): build it with LLM2Vec.from_pretrained(...), or from an l2v "
-                            f"Encoder (not from a transformers model: got {type(encoder).__name__})")
+            raise TypeError(
+                "LLM2Vec(encoder): build it with LLM2Vec.from_pretrained(...), or from an l2v "
+                f"Encoder (not from a transformers model: got {type(encoder).__name__})"
+            )
         self.encoder = encoder
 
     pooling_mode = _setting("pooling", "mean | weighted_mean | eos_token | last_token | bos_token")
@@ -139,8 +152,15 @@ class LLM2Vec:
         return self.encoder.tokenizer
 
     @classmethod
-    def from_pretrained(cls, base_model_name_or_path, peft_model_name_or_path=None, merge_peft=False,
-                        enable_bidirectional=True, extra_model_name_or_path=None, **kwargs) -> LLM2Vec:
+    def from_pretrained(
+        cls,
+        base_model_name_or_path,
+        peft_model_name_or_path=None,
+        merge_peft=False,
+        enable_bidirectional=True,
+        extra_model_name_or_path=None,
+        **kwargs,
+    ) -> LLM2Vec:
         """Base model (a folder or a hub id; an adapter repository such as upstream's `...-mntp` loads the
         base model it names and merges itself first), then peft_model_name_or_path, then each of
         extra_model_name_or_path (a name or a list), merged in that order. merge_peft is accepted: adapters
@@ -166,10 +186,20 @@ class LLM2Vec:
         found, _ = read_settings(folders[-1] if folders else base)
         cfg = {**DEFAULTS, **{k: v for k, v in found.items() if k in UPSTREAM_KEYS}, **settings}
         encoder = Encoder.from_pretrained(
-            base, adapters=folders, is_causal=not enable_bidirectional, dtype=dtype_from(dtype, base),
-            pooling=cfg["pooling_mode"], max_length=cfg["max_length"], doc_max_length=cfg["doc_max_length"],
-            skip_instruction=cfg["skip_instruction"], prompt="", device=device, autocast="none",
-            chat_template=TEMPLATES_BY_NAME.get(hub_name(given, base, adapter_first)), upstream_template=True)
+            base,
+            adapters=folders,
+            is_causal=not enable_bidirectional,
+            dtype=dtype_from(dtype, base),
+            pooling=cfg["pooling_mode"],
+            max_length=cfg["max_length"],
+            doc_max_length=cfg["doc_max_length"],
+            skip_instruction=cfg["skip_instruction"],
+            prompt="",
+            device=device,
+            autocast="none",
+            chat_template=TEMPLATES_BY_NAME.get(hub_name(given, base, adapter_first)),
+            upstream_template=True,
+        )
         return cls(encoder)
 
     def to(self, device) -> LLM2Vec:
@@ -181,8 +211,15 @@ class LLM2Vec:
     def eval(self) -> LLM2Vec:
         return self  # encoding always runs in eval mode
 
-    def encode(self, sentences, batch_size: int = 32, show_progress_bar: bool = True,
-               convert_to_numpy: bool = False, convert_to_tensor: bool = False, device=None):
+    def encode(
+        self,
+        sentences,
+        batch_size: int = 32,
+        show_progress_bar: bool = True,
+        convert_to_numpy: bool = False,
+        convert_to_tensor: bool = False,
+        device=None,
+    ):
         """Strings and [instruction, text] pairs -> float32 [N, dim], a CPU tensor (numpy with
         convert_to_numpy=True unless convert_to_tensor=True). device: where the model runs (default: CUDA
         when available, as upstream; the model moves there). batch_size: at most batch_size x max_length

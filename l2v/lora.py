@@ -6,6 +6,7 @@
 `LoRALinear` keeps the frozen `weight`/`bias` under their own names (base keys unchanged, as torchtune),
 names `lora_A`/`lora_B` as PEFT does, and merges only on an explicit `merge()`.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,10 +22,13 @@ LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # the decoder layer number in a 
 
 def keep_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """A dropout keep mask shaped like x from `seed` alone; keep rate 1 - p, p rounded to 1/65536. Four 16-bit
-    lanes per 64-bit draw: on CPU several times faster than per-element Bernoulli draws (docs/performance.md)."""
+    lanes per 64-bit draw: on CPU several times faster than per-element Bernoulli draws
+    (docs/performance.md)."""
     g = torch.Generator(x.device).manual_seed(seed)
-    words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device).random_(-2 ** 63, None, generator=g)
-    return words.view(torch.int16)[:x.numel()].view(x.shape) >= round(p * 65536) - 32768
+    words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device).random_(
+        -(2**63), None, generator=g
+    )
+    return words.view(torch.int16)[: x.numel()].view(x.shape) >= round(p * 65536) - 32768
 
 
 class DroppedLinear(torch.autograd.Function):
@@ -53,7 +57,10 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        self.weight, self.bias = base.weight, base.bias  # the same Parameter objects: keys and storage unchanged
+        self.weight, self.bias = (
+            base.weight,
+            base.bias,
+        )  # the same Parameter objects: keys and storage unchanged
         # LoRA weights are float32 even on a bf16 base: small updates to low-precision weights get lost.
         kw = dict(bias=False, device=base.weight.device, dtype=torch.float32)
         self.lora_A = nn.Linear(self.in_features, r, **kw)
@@ -74,10 +81,14 @@ class LoRALinear(nn.Module):
         # Compute in the input's dtype (bf16 under autocast); `.to` keeps the grads flowing to fp32.
         # Scaling (and dropout's 1 / keep rate) go into the small (out, r) B, not the (..., out) output.
         a, b = self.lora_A.weight.to(x.dtype), self.lora_B.weight * self.scaling
-        if self.training and self.dropout_p > 0 and torch.compiler.is_compiling():  # traceable; the compiler plans memory
+        if (
+            self.training and self.dropout_p > 0 and torch.compiler.is_compiling()
+        ):  # traceable; the compiler plans memory
             return out + F.linear(F.linear(F.dropout(x, self.dropout_p), a), b.to(x.dtype))
-        if self.training and self.dropout_p > 0:  # the seed comes from the CPU generator: seeded, checkpointed
-            h = DroppedLinear.apply(x, a, self.dropout_p, int(torch.randint(2 ** 62, ())))
+        if (
+            self.training and self.dropout_p > 0
+        ):  # the seed comes from the CPU generator: seeded, checkpointed
+            h = DroppedLinear.apply(x, a, self.dropout_p, int(torch.randint(2**62, ())))
             return out + F.linear(h, (b * self.keep_scale).to(x.dtype))
         return out + F.linear(F.linear(x, a), b.to(x.dtype))
 
@@ -85,7 +96,10 @@ class LoRALinear(nn.Module):
     def merge(self, sign: int = 1) -> None:
         """W += scaling * B @ A in float32 (sign -1: unmerge; on a bf16 base only up to bf16 rounding)."""
         if self.merged != (sign > 0):
-            self.weight.copy_(self.weight.float() + sign * self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float()))
+            self.weight.copy_(
+                self.weight.float()
+                + sign * self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+            )
             self.merged = sign > 0
 
 
@@ -113,8 +127,15 @@ def layer_of(path: str) -> int | None:
     return int(m[1]) if m else None
 
 
-def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 0.05,
-             targets=DEFAULT_TARGETS, use_rslora: bool = False, layers=None) -> list[str]:
+def add_lora(
+    model: nn.Module,
+    r: int = 16,
+    alpha: float = 32,
+    dropout: float = 0.05,
+    targets=DEFAULT_TARGETS,
+    use_rslora: bool = False,
+    layers=None,
+) -> list[str]:
     """Swap every nn.Linear whose last name is in `targets` (and, if given, whose decoder layer number
     is in `layers`) for a LoRALinear; freeze all the rest."""
     if lora_modules(model):
@@ -126,7 +147,9 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 
     n_layers = len(getattr(model, "layers", []))
     if layers is not None and not all(0 <= i < n_layers for i in layers):
         raise ValueError(f"lora layers {sorted(layers)}: the model has layers 0..{n_layers - 1}")
-    paths = [n for n in linears if n.rpartition(".")[2] in targets and (layers is None or layer_of(n) in layers)]
+    paths = [
+        n for n in linears if n.rpartition(".")[2] in targets and (layers is None or layer_of(n) in layers)
+    ]
     for path in paths:
         set_module(model, path, LoRALinear(model.get_submodule(path), r, alpha, dropout, use_rslora))
     freeze_all_but_lora(model)

@@ -17,6 +17,7 @@ It returns hidden states after the final norm and knows nothing of LoRA (`l2v.lo
 from outside), files (`l2v.checkpoint`) or pooling (`l2v.encoder`). Shapes: B batch, T tokens, D model
 dim, H query heads, K key/value heads, hd head dim.
 """
+
 from __future__ import annotations
 
 import math
@@ -116,8 +117,9 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
-def softcapped_attention(q, k, v, mask, is_causal: bool, scale: float | None, cap: float,
-                         dropout_p: float) -> torch.Tensor:
+def softcapped_attention(
+    q, k, v, mask, is_causal: bool, scale: float | None, cap: float, dropout_p: float
+) -> torch.Tensor:
     """SDPA's math with Gemma 2's soft-capping of the scores, which no fused SDPA kernel offers (why this
     path and not FlexAttention: docs/performance.md). q (B, H, T, hd), k and v (B, K, T, hd); mask: SDPA's."""
     T = q.shape[-2]
@@ -137,7 +139,7 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.dropout, self.softcap = cfg.attention_dropout, cfg.attn_softcap
-        self.scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
+        self.scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar**-0.5
         self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
@@ -169,8 +171,14 @@ class Attention(nn.Module):
         # The single place where attention is causal or not: SDPA (and the soft-capped path above) gets
         # either the flag (one unpadded text per row) or a boolean mask that encodes causality (`build_mask`).
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal and mask is None,
-            scale=self.scale, enable_gqa=gqa,
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=dropout,
+            is_causal=is_causal and mask is None,
+            scale=self.scale,
+            enable_gqa=gqa,
         )  # (B, H, T, hd)
         return self.o_proj(rearrange(y, "b h t d -> b t (h d)"))
 
@@ -190,8 +198,11 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g, u = self.gate_proj(x), self.up_proj(x)
         # Training keeps g and u for the backward; recomputing act(g) there spares keeping it too.
-        h = (checkpoint(glu, g, u, self.act, use_reentrant=False, preserve_rng_state=False) if g.requires_grad
-             else glu(g, u, self.act))
+        h = (
+            checkpoint(glu, g, u, self.act, use_reentrant=False, preserve_rng_state=False)
+            if g.requires_grad
+            else glu(g, u, self.act)
+        )
         return self.down_proj(h)
 
 
@@ -217,8 +228,9 @@ class Block(nn.Module):
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
-def build_mask(segments: torch.Tensor | None, is_causal: bool, window: int | None, T: int,
-               device) -> torch.Tensor | None:
+def build_mask(
+    segments: torch.Tensor | None, is_causal: bool, window: int | None, T: int, device
+) -> torch.Tensor | None:
     """Boolean (B|1, 1, T, T) mask for SDPA (True = may attend), or None when the flag suffices.
     segments (B, T): 0 = padding, k > 0 = the row's k-th text. A query sees its own text's keys: all
     (bidirectional) or those at or before it (causal); a window keeps the keys with i - j < window (causal)
@@ -260,15 +272,20 @@ class Transformer(nn.Module):
         # Tied checkpoints (SmolLM2, Gemma, small Qwen2/3, Llama 3.2 1B/3B) reuse the embedding as LM head.
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         # Built explicitly on the CPU so they exist even when the model is built on `meta`.
-        self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
-                             persistent=False)
+        self.register_buffer(
+            "inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), persistent=False
+        )
         local = cfg.local_rope_theta  # Gemma 3's local layers: a base of their own, unscaled
         local = None if local is None else rope_inv_freq(cfg.head_dim, local, None)
         self.register_buffer("local_inv_freq", local, persistent=False)
         self.gradient_checkpointing = False
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                is_causal: bool | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        is_causal: bool | None = None,
+    ) -> torch.Tensor:
         """input_ids (B, T) -> final hidden states (B, T, D). attention_mask (B, T): 0 = padding (either
         side), k > 0 = a token of the row's k-th text (1 for one text per row). Texts attend only within
         themselves and their RoPE positions start at 0: a text computes the same alone or packed (up to
@@ -282,7 +299,7 @@ class Transformer(nn.Module):
             positions = segment_positions(attention_mask)
         x = self.embed_tokens(input_ids)  # (B, T, D)
         if cfg.embed_scale:  # sqrt(D) rounded to the weights' dtype first (bf16: 55.4 -> 55.5), as HF does
-            x = x * torch.tensor(cfg.dim ** 0.5).to(x.dtype).item()
+            x = x * torch.tensor(cfg.dim**0.5).to(x.dtype).item()
         rope = rope_angles(positions, self.inv_freq)
         local_rope = rope if self.local_inv_freq is None else rope_angles(positions, self.local_inv_freq)
         # Local layers see a window; bidirectional, only where the family keeps it (Gemma; Mistral's is off).

@@ -14,6 +14,7 @@ mteb is an optional dependency, imported when an `MTEBModel` is built or a task 
                       dtype="bfloat16", pooling="mean", is_causal=False, prompt="")
     mteb.evaluate(model, mteb.get_tasks(tasks=["STSBenchmark"]))
 """
+
 from __future__ import annotations
 
 import time
@@ -36,8 +37,9 @@ def require_mteb():
         raise ImportError(f"evaluating on MTEB needs the mteb package: {INSTALL}") from None
     major = str(getattr(mteb, "__version__", "2")).split(".")[0]
     if major != "2":
-        raise ImportError(f"l2v.mteb implements mteb 2.x's encoder protocol, found mteb {mteb.__version__}: "
-                          + INSTALL)
+        raise ImportError(
+            f"l2v.mteb implements mteb 2.x's encoder protocol, found mteb {mteb.__version__}: " + INSTALL
+        )
     return mteb
 
 
@@ -55,6 +57,7 @@ def task_prompt(task_metadata) -> str:
         prompt = prompt.get("query")
     if not prompt:
         from mteb.abstasks.abstask import get_abstask_prompt
+
         prompt = get_abstask_prompt(task_metadata.name)
     return prompt or ""
 
@@ -82,10 +85,18 @@ class MTEBModel:
     `Encoder`. `instructions` adds to or overrides upstream's table, by task name. `max_batch_tokens`: tokens
     per forward pass (default: mteb's batch_size x max_length, at most Encoder's default)."""
 
-    def __init__(self, model, adapters=(), instructions: dict | None = None, name: str | None = None,
-                 max_batch_tokens: int | None = None, **kwargs):
+    def __init__(
+        self,
+        model,
+        adapters=(),
+        instructions: dict | None = None,
+        name: str | None = None,
+        max_batch_tokens: int | None = None,
+        **kwargs,
+    ):
         require_mteb()
         from mteb.models.model_meta import ModelMeta, ScoringFunction
+
         if isinstance(model, Encoder):
             if adapters or kwargs:
                 raise ValueError("MTEBModel(encoder): adapters and settings go to Encoder.from_pretrained")
@@ -97,40 +108,55 @@ class MTEBModel:
         self.max_batch_tokens = max_batch_tokens
         self.calls: list[dict] = []  # one record per encode call: task, side, instruction, text count
         cfg = self.encoder.model.config
-        self.mteb_model_meta = ModelMeta.create_empty(overwrites=dict(
-            name=name or (default_name(model, adapters) if not isinstance(model, Encoder) else "l2v/encoder"),
-            embed_dim=cfg.dim, max_tokens=self.encoder.max_length, similarity_fn_name=ScoringFunction.COSINE,
-            use_instructions=True, framework=["PyTorch"],
-            n_parameters=sum(p.numel() for p in self.encoder.model.parameters())))
+        self.mteb_model_meta = ModelMeta.create_empty(
+            overwrites=dict(
+                name=name
+                or (default_name(model, adapters) if not isinstance(model, Encoder) else "l2v/encoder"),
+                embed_dim=cfg.dim,
+                max_tokens=self.encoder.max_length,
+                similarity_fn_name=ScoringFunction.COSINE,
+                use_instructions=True,
+                framework=["PyTorch"],
+                n_parameters=sum(p.numel() for p in self.encoder.model.parameters()),
+            )
+        )
 
     def instruction(self, task_metadata, prompt_type=None) -> str:
         return instruction_for(task_metadata, prompt_type, self.instructions)
 
-    def encode(self, inputs, *, task_metadata, hf_split: str, hf_subset: str, prompt_type=None,
-               **kwargs) -> np.ndarray:
+    def encode(
+        self, inputs, *, task_metadata, hf_split: str, hf_subset: str, prompt_type=None, **kwargs
+    ) -> np.ndarray:
         """mteb's batches ({"text": [...]}) -> float32 [N, dim] in order. An empty text (an untitled,
         empty corpus document) gets a zero vector: it scores 0 against everything, as in eval.py."""
         texts = [t for batch in inputs for t in batch["text"]]
         instruction = self.instruction(task_metadata, prompt_type)
         side = getattr(prompt_type, "value", prompt_type)
-        self.calls.append({"task": task_metadata.name, "prompt_type": side, "instruction": instruction,
-                           "n": len(texts)})
+        self.calls.append(
+            {"task": task_metadata.name, "prompt_type": side, "instruction": instruction, "n": len(texts)}
+        )
         device = self.encoder.model.embed_tokens.weight.device
-        budget = self.max_batch_tokens or min(int(kwargs.get("batch_size") or 32) * self.encoder.max_length,
-                                              default_batch_tokens(device))
+        budget = self.max_batch_tokens or min(
+            int(kwargs.get("batch_size") or 32) * self.encoder.max_length, default_batch_tokens(device)
+        )
         out = np.zeros((len(texts), self.encoder.model.config.dim), dtype=np.float32)
         keep = [i for i, t in enumerate(texts) if t.strip()]
         if keep:
-            out[keep] = self.encoder.encode([(instruction, texts[i]) for i in keep], max_batch_tokens=budget,
-                                            show_progress=bool(kwargs.get("show_progress_bar", False)))
+            out[keep] = self.encoder.encode(
+                [(instruction, texts[i]) for i in keep],
+                max_batch_tokens=budget,
+                show_progress=bool(kwargs.get("show_progress_bar", False)),
+            )
         return out
 
     def similarity(self, embeddings1, embeddings2):
         from mteb.similarity_functions import cos_sim
+
         return cos_sim(embeddings1, embeddings2)
 
     def similarity_pairwise(self, embeddings1, embeddings2):
         from mteb.similarity_functions import pairwise_cos_sim
+
         return pairwise_cos_sim(embeddings1, embeddings2)
 
 
@@ -156,8 +182,10 @@ def load_data(task) -> None:
         try:
             task.load_data()
         except Exception as e:  # datasets/hub errors of many kinds: the task and the cause, in one line
-            raise OSError(f"--mteb {task.metadata.name}: cannot load its data ({type(e).__name__}: "
-                          f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''})") from None
+            raise OSError(
+                f"--mteb {task.metadata.name}: cannot load its data ({type(e).__name__}: "
+                f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''})"
+            ) from None
 
 
 def run(model: MTEBModel, tasks, output_folder=None, show_progress: bool = False) -> list[dict]:
@@ -170,14 +198,26 @@ def run(model: MTEBModel, tasks, output_folder=None, show_progress: bool = False
     results = []
     for task in tasks:
         t0, first = time.perf_counter(), len(model.calls)
-        result = mteb.evaluate(model, task, cache=cache, overwrite_strategy="always", co2_tracker=False,
-                               show_progress_bar=show_progress,
-                               encode_kwargs={"batch_size": 32, "show_progress_bar": show_progress})
+        result = mteb.evaluate(
+            model,
+            task,
+            cache=cache,
+            overwrite_strategy="always",
+            co2_tracker=False,
+            show_progress_bar=show_progress,
+            encode_kwargs={"batch_size": 32, "show_progress_bar": show_progress},
+        )
         score = result.task_results[0].get_score()
         calls = model.calls[first:]
         sides = [c["n"] for c in calls if c["prompt_type"] != "document"]
-        results.append({"task": f"mteb/{task.metadata.name}", "kind": "mteb", "n": sides[0] if sides else 0,
-                        "seconds": time.perf_counter() - t0,
-                        "scores": {task.metadata.main_score: 100.0 * float(score)},
-                        "instructions": {c["prompt_type"] or "both": c["instruction"] for c in calls}})
+        results.append(
+            {
+                "task": f"mteb/{task.metadata.name}",
+                "kind": "mteb",
+                "n": sides[0] if sides else 0,
+                "seconds": time.perf_counter() - t0,
+                "scores": {task.metadata.main_score: 100.0 * float(score)},
+                "instructions": {c["prompt_type"] or "both": c["instruction"] for c in calls},
+            }
+        )
     return results

@@ -45,7 +45,8 @@ def mntp_loss(
     the ~20% of positions that predict a masked token (full logits would outweigh the rest of the step).
     normalizer: default the scored tokens of THIS batch; with accumulation or DDP, the GLOBAL count over
     micro-batches and ranks / world size (DDP averages gradients), so every masked token weighs the same.
-    logit_softcap: the final-logit soft-capping the head was trained with (Gemma 2), cap * tanh(logits / cap)."""
+    logit_softcap: the final-logit soft-capping the head was trained with (Gemma 2), cap * tanh(logits /
+    cap)."""
     targets = labels[:, 1:]  # (B, T-1): the label predicted by each output position 0..T-2
     sel = targets != -100
     logits = F.linear(hidden[:, :-1][sel], head_weight).float()  # (N, V), N = number of scored tokens
@@ -145,7 +146,8 @@ class Objective:
         raise NotImplementedError
 
     def loss(self, forward, inputs, gather: bool) -> torch.Tensor:
-        """One micro-batch's loss; `forward` is the model to call (DDP / compiled wrapper); `gather`: over ranks."""
+        """One micro-batch's loss; `forward` is the model to call (DDP / compiled wrapper); `gather`:
+        over ranks."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -272,8 +274,10 @@ class Contrastive(Objective):
                 enc.prepare(instruction, "text")
             except ValueError as e:
                 why = str(e).split(": ", 1)[1]
-                raise ValueError(f"{path}: the instruction {instruction[:60]!r}: {why} (--instruction, "
-                                 f"--prompt, --max_seq_length {self.cfg.max_seq_length})") from None
+                raise ValueError(
+                    f"{path}: the instruction {instruction[:60]!r}: {why} (--instruction, "
+                    f"--prompt, --max_seq_length {self.cfg.max_seq_length})"
+                ) from None
 
     def contrastive_size(self, world: int) -> int:
         accumulating = self.cfg.batch_size > self.cfg.micro_batch_size * world

@@ -30,20 +30,26 @@ def check_paths(cfg: TrainConfig, ours: list[Path]) -> None:
     hold it, and must be new (or empty) and writable."""
     out, merge = Path(cfg.output_dir).resolve(), cfg.merge_out and Path(cfg.merge_out)
     ours = [p.resolve() for p in ours]
-    reads = [("--model", cfg.model), ("--train_file", cfg.train_file), ("--eval_file", cfg.eval_file),
-             ("--eval_sts_file", cfg.eval_sts_file)] + [("--init_adapter", f) for f in cfg.init_adapter]
+    reads = [
+        ("--model", cfg.model),
+        ("--train_file", cfg.train_file),
+        ("--eval_file", cfg.eval_file),
+        ("--eval_sts_file", cfg.eval_sts_file),
+    ] + [("--init_adapter", f) for f in cfg.init_adapter]
     for flag, path in reads + [("--merge_out", merge)]:
         if path and any(Path(path).resolve().is_relative_to(p) for p in ours):
-            raise ValueError(f"{flag} {path}: inside this run's own files in {cfg.output_dir} "
-                             "(they are rewritten)")
+            raise ValueError(
+                f"{flag} {path}: inside this run's own files in {cfg.output_dir} (they are rewritten)"
+            )
     for folder in cfg.init_adapter:
         if Path(folder).resolve() == out:
             raise ValueError(f"--init_adapter {folder}: is --output_dir (the run rewrites its files)")
     if not merge:
         return
     if out.is_relative_to(merge.resolve()):
-        raise ValueError(f"--merge_out {merge}: holds --output_dir {cfg.output_dir} (the merged folder "
-                         "replaces it)")
+        raise ValueError(
+            f"--merge_out {merge}: holds --output_dir {cfg.output_dir} (the merged folder replaces it)"
+        )
     check_writable_folder(merge, "--merge_out")
     if merge.is_dir() and any(merge.iterdir()):
         raise ValueError(f"--merge_out {merge}: exists and is not empty")
@@ -85,14 +91,17 @@ def resumable_checkpoint(cfg: TrainConfig, out: Path, meta, data: dict) -> Path:
     changed = [k for k in DEFAULTS if k not in RESUMABLE and saved.get(k, DEFAULTS[k]) != getattr(cfg, k)]
     if changed:
         diff = ", ".join(f"{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)
-        raise ValueError(f"--resume: {ckpt} was trained with other settings: {diff} "
-                         f"(may change: {sorted(RESUMABLE)})")
+        raise ValueError(
+            f"--resume: {ckpt} was trained with other settings: {diff} (may change: {sorted(RESUMABLE)})"
+        )
     if cfg.max_steps < state["step"]:
         raise ValueError(f"--max_steps {cfg.max_steps}: below the checkpoint's step {state['step']} ({ckpt})")
     if state.get("data_sha256", data["data_sha256"]) != data["data_sha256"] and not cfg.resume_other_data:
         was = f"{state['data_bytes']} bytes, " if "data_bytes" in state else ""
-        raise ValueError(f"--train_file {cfg.train_file}: not the data {ckpt} was trained on ({was}another "
-                         "sha256); --resume_other_data true continues on it anyway")
+        raise ValueError(
+            f"--train_file {cfg.train_file}: not the data {ckpt} was trained on ({was}another "
+            "sha256); --resume_other_data true continues on it anyway"
+        )
     return ckpt
 
 
@@ -105,7 +114,11 @@ def log_until(path: Path, step: int) -> list[dict]:
             rec = json.loads(line)
         except ValueError:
             continue
-        if isinstance(rec, dict) and isinstance(rec.get("step", 0), int) and rec.get("step", 0) <= step \
-                and "event" not in rec:
+        if (
+            isinstance(rec, dict)
+            and isinstance(rec.get("step", 0), int)
+            and rec.get("step", 0) <= step
+            and "event" not in rec
+        ):
             recs.append(rec)
     return recs

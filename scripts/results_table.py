@@ -5,6 +5,7 @@
 `scripts/ablation.sh ROW` writes docs/results/ROW.json (eval.py's output); a row may also have more
 files (ROW.<anything>.json, e.g. dev-only runs), merged in name order. Rows missing files are skipped.
 """
+
 import json
 import re
 import sys
@@ -20,24 +21,51 @@ ROWS = [
     ("prompt-ke", "KE prompt (PromptEOL + a knowledge-enhancement prefix), last token (untrained)", True),
     ("bi-mntp-lr1e-3", "Bi+MNTP, mean (MNTP at lr 1e-3, its step 40)", False),
     ("bi-mntp-lr1e-3-simcse", "Bi+MNTP+SimCSE, mean (80 x 64 at 32 tokens)", True),
-    ("paper", "Bi+MNTP+SimCSE, mean (the paper's recipe at a CPU budget: MNTP 60 x 16 x 128, SimCSE 50 x 32)",
-     True),
+    (
+        "paper",
+        "Bi+MNTP+SimCSE, mean (the paper's recipe at a CPU budget: MNTP 60 x 16 x 128, SimCSE 50 x 32)",
+        True,
+    ),
     ("paper-weighted", "Bi+MNTP+SimCSE, weighted mean (the paper's recipe at a CPU budget)", False),
-    ("paper-gpu", "Bi+MNTP+SimCSE, mean (the paper's budget on a GPU: MNTP 1000 x 32 x 512, SimCSE 1000 x 128)", True),
+    (
+        "paper-gpu",
+        "Bi+MNTP+SimCSE, mean (the paper's budget on a GPU: MNTP 1000 x 32 x 512, SimCSE 1000 x 128)",
+        True,
+    ),
     ("paper-gpu-weighted", "Bi+MNTP+SimCSE, weighted mean (the paper's budget on a GPU)", False),
     ("prompteol-simcse", "Causal+PromptEOL+SimCSE, last token", True),
-    ("prompteol-simcse-instruction", "Causal+PromptEOL+SimCSE trained and evaluated with the STS instruction", False),
+    (
+        "prompteol-simcse-instruction",
+        "Causal+PromptEOL+SimCSE trained and evaluated with the STS instruction",
+        False,
+    ),
     ("supervised-sick", "Supervised: KE prompt + SICK-train triples (in-domain for SICK-R)", True),
-    ("supervised-sick-cosent", "Supervised: the same, then CoSENT on SICK-train's scores (in-domain for SICK-R)", True),
-    ("supervised-sick-b256", "Supervised: KE prompt + SICK-train triples at batch 256, 2 epochs (trained on a GPU; in-domain for SICK-R)", True),
+    (
+        "supervised-sick-cosent",
+        "Supervised: the same, then CoSENT on SICK-train's scores (in-domain for SICK-R)",
+        True,
+    ),
+    (
+        "supervised-sick-b256",
+        "Supervised: KE prompt + SICK-train triples at batch 256, 2 epochs "
+        "(trained on a GPU; in-domain for SICK-R)",
+        True,
+    ),
     ("supervised-sick-eol", "Supervised: PromptEOL + SICK-train triples (in-domain for SICK-R)", False),
-    ("supervised-sick-548", "Supervised, the first set: 548 SICK-train triples, r16, 2 epochs (in-domain for SICK-R)", False),
+    (
+        "supervised-sick-548",
+        "Supervised, the first set: 548 SICK-train triples, r16, 2 epochs (in-domain for SICK-R)",
+        False,
+    ),
     ("uni-simcse", "Uni+SimCSE, mean (ablation: SimCSE 60 x 32 at 32 tokens, lr 2e-4)", False),
     ("bi-simcse", "Bi+SimCSE, no MNTP (ablation: SimCSE 60 x 32 at 32 tokens, lr 2e-4)", False),
 ]
 STS_TEST = ["stsb-test", "sick-r-test", "sts12", "sts13", "sts14", "sts15", "sts16"]
-FULL = [("stsb-dev", "spearman"), ("sick-r-trial", "spearman")] + [(t, "spearman") for t in STS_TEST] + \
-       [("cranfield", "ndcg@10"), ("cranfield", "recall@100")]
+FULL = (
+    [("stsb-dev", "spearman"), ("sick-r-trial", "spearman")]
+    + [(t, "spearman") for t in STS_TEST]
+    + [("cranfield", "ndcg@10"), ("cranfield", "recall@100")]
+)
 SUMMARY = [("stsb-dev", "spearman"), ("stsb-test", "spearman"), ("sick-r-test", "spearman")]
 
 
@@ -53,7 +81,10 @@ def load(folder: Path) -> dict:
 
 def table(scores: dict, columns, summary: bool) -> str:
     head = [t if m == "spearman" else f"{t} {m}" for t, m in columns]
-    lines = ["| row | " + " | ".join(head) + " | STS avg (7 test sets) |", "|---|" + "---|" * (len(columns) + 1)]
+    lines = [
+        "| row | " + " | ".join(head) + " | STS avg (7 test sets) |",
+        "|---|" + "---|" * (len(columns) + 1),
+    ]
     for row, label, in_summary in ROWS:
         if row not in scores or (summary and not in_summary):
             continue

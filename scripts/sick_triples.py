@@ -1,9 +1,9 @@
 """Supervised triples from SICK's training split: (premise, a positive, a hard negative); or its graded pairs.
 
-    python scripts/sick_triples.py                       # ../shared/data/sick/SICK_train.txt -> data/sick-train-triples.jsonl
+    python scripts/sick_triples.py            # SICK_train.txt -> data/sick-train-triples.jsonl
     python scripts/sick_triples.py --split SICK_trial.txt --out data/sick-trial-triples.jsonl
-    python scripts/sick_triples.py --pairs               # -> data/sick-train-pairs.jsonl, for --objective cosent
-    python scripts/sick_triples.py --setup               # both defaults; without the data, one line and exit 0
+    python scripts/sick_triples.py --pairs    # -> data/sick-train-pairs.jsonl, for --objective cosent
+    python scripts/sick_triples.py --setup    # both defaults; without the data, one line and exit 0
 
 Pairs are read both ways (A with B, B with A). The default set (`--negatives any --min-related 4`,
 3,224 triples): each premise's positives are its ENTAILMENT partners and its NEUTRAL partners rated at
@@ -14,6 +14,7 @@ entailed and a contradicted partner, entailed partners only). `--pairs` writes e
 {sentence1, sentence2, score} with its relatedness score (1-5). The data stays outside the repository
 (SICK is CC BY-NC-SA); `data/` is git-ignored.
 """
+
 import argparse
 import json
 import random
@@ -29,7 +30,9 @@ from l2v.files import write_text  # noqa: E402
 def triples(path: Path, instruction: str, negatives: str = "any", min_related: float = 4.0) -> list[dict]:
     lines = path.read_text(encoding="utf-8").splitlines()
     header = lines[0].split("\t")
-    a, b, score, label = (header.index(c) for c in ("sentence_A", "sentence_B", "relatedness_score", "entailment_judgment"))
+    a, b, score, label = (
+        header.index(c) for c in ("sentence_A", "sentence_B", "relatedness_score", "entailment_judgment")
+    )
     partners: dict[str, list[tuple[str, str, float]]] = {}
     for line in lines[1:]:
         f = line.split("\t")
@@ -38,11 +41,16 @@ def triples(path: Path, instruction: str, negatives: str = "any", min_related: f
                 partners.setdefault(x, []).append((y, f[label], float(f[score])))
     sentences, rng, out = sorted(partners), random.Random(0), []
     for premise, group in partners.items():
-        positive = [lab == "ENTAILMENT" or (min_related and lab == "NEUTRAL" and s >= min_related) for _, lab, s in group]
+        positive = [
+            lab == "ENTAILMENT" or (min_related and lab == "NEUTRAL" and s >= min_related)
+            for _, lab, s in group
+        ]
         pos = [y for (y, _, _), keep in zip(group, positive) if keep]
         neg = [y for y, lab, _ in group if lab == "CONTRADICTION"]
         if negatives == "any" and not neg:  # pairs, not sentences: SICK rates a few pairs twice
-            others = sorted((s, y) for (y, lab, s), keep in zip(group, positive) if lab == "NEUTRAL" and not keep)
+            others = sorted(
+                (s, y) for (y, lab, s), keep in zip(group, positive) if lab == "NEUTRAL" and not keep
+            )
             neg = [others[0][1]] if others else []
         for i, p in enumerate(pos):
             if neg or negatives == "any":
@@ -57,8 +65,11 @@ def pairs(path: Path) -> list[dict]:
     lines = path.read_text(encoding="utf-8").splitlines()
     header = lines[0].split("\t")
     a, b, score = (header.index(c) for c in ("sentence_A", "sentence_B", "relatedness_score"))
-    return [{"sentence1": f[a].strip(), "sentence2": f[b].strip(), "score": float(f[score])}
-            for f in (line.split("\t") for line in lines[1:]) if len(f) > score]
+    return [
+        {"sentence1": f[a].strip(), "sentence2": f[b].strip(), "score": float(f[score])}
+        for f in (line.split("\t") for line in lines[1:])
+        if len(f) > score
+    ]
 
 
 def main(argv=None):
@@ -66,18 +77,39 @@ def main(argv=None):
     p.add_argument("--data-dir", type=Path, default=DATA_DIR)
     p.add_argument("--split", default="SICK_train.txt")
     p.add_argument("--instruction", default="", help="instruction for the queries (default none)")
-    p.add_argument("--negatives", choices=("contradiction", "any"), default="any",
-                   help="contradiction: only premises with a contradicted partner (see above)")
-    p.add_argument("--min-related", type=float, default=4.0,
-                   help="NEUTRAL partners rated at least this are positives too (0 = entailed only)")
-    p.add_argument("--pairs", action="store_true", help="write the graded pairs (for --objective cosent) instead")
-    p.add_argument("--out", type=Path, help="default data/sick-train-triples.jsonl (--pairs: data/sick-train-pairs.jsonl)")
-    p.add_argument("--setup", action="store_true", help="make setup: the default triples and pairs, when the data is there")
+    p.add_argument(
+        "--negatives",
+        choices=("contradiction", "any"),
+        default="any",
+        help="contradiction: only premises with a contradicted partner (see above)",
+    )
+    p.add_argument(
+        "--min-related",
+        type=float,
+        default=4.0,
+        help="NEUTRAL partners rated at least this are positives too (0 = entailed only)",
+    )
+    p.add_argument(
+        "--pairs", action="store_true", help="write the graded pairs (for --objective cosent) instead"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="default data/sick-train-triples.jsonl (--pairs: data/sick-train-pairs.jsonl)",
+    )
+    p.add_argument(
+        "--setup",
+        action="store_true",
+        help="make setup: the default triples and pairs, when the data is there",
+    )
     args = p.parse_args(argv)
     if args.setup:
         if not (args.data_dir / "sick" / args.split).is_file():
-            print(f"sick_triples.py: skipped: no {args.data_dir / 'sick' / args.split} (the supervised and cosent "
-                  "demo presets need it; everything else works without)")
+            print(
+                f"sick_triples.py: skipped: no {args.data_dir / 'sick' / args.split} "
+                "(the supervised and cosent "
+                "demo presets need it; everything else works without)"
+            )
             return
         main([a for a in argv or sys.argv[1:] if a != "--setup"])
         return main([a for a in argv or sys.argv[1:] if a != "--setup"] + ["--pairs"])
@@ -86,7 +118,9 @@ def main(argv=None):
     if not src.is_file():
         sys.exit(f"sick_triples.py: error: {src}: file not found (pass --data-dir)")
     if not 0 <= args.min_related <= 5:
-        sys.exit(f"sick_triples.py: error: --min-related {args.min_related}: SICK rates relatedness 1-5 (0 = off)")
+        sys.exit(
+            f"sick_triples.py: error: --min-related {args.min_related}: SICK rates relatedness 1-5 (0 = off)"
+        )
     if args.out.is_dir():
         sys.exit(f"sick_triples.py: error: --out {args.out}: is a folder, expected a .jsonl file path")
     try:

@@ -1,6 +1,6 @@
 """Variants of one train.py config, side by side, chosen on a dev set by a rule fixed before the run.
 
-    python scripts/sweep.py scripts/sweeps/supervised-sick.json --out runs/sweeps/supervised-sick   # from the repo root
+    python scripts/sweep.py scripts/sweeps/supervised-sick.json --out runs/sweeps/supervised-sick  # repo root
 
 Each variant is `train.py --config CONFIG` plus its own keys; it scores the dev file (STS-B style) every
 `eval_every` steps and keeps a checkpoint at each. The best (variant, step) on dev is evaluated with
@@ -11,6 +11,7 @@ Writes OUT/sweep.json (dev curves, the choice, what was skipped) and OUT/best.js
 The sweep file's keys: config, dev, variants [{name, eval_every, stop, set: {key: value}}], reference
 {variant, step}, bar, eval_tasks, eval_args, parallel, budget_s, train_args.
 """
+
 import argparse
 import json
 import subprocess
@@ -28,8 +29,11 @@ REQUIRED = ("config", "dev", "variants", "reference", "bar", "eval_tasks")
 
 
 def flags(v: dict) -> list[str]:
-    return [x for key, value in v.get("set", {}).items()
-            for x in (f"--{key}", json.dumps(value) if isinstance(value, (list, bool)) else str(value))]
+    return [
+        x
+        for key, value in v.get("set", {}).items()
+        for x in (f"--{key}", json.dumps(value) if isinstance(value, (list, bool)) else str(value))
+    ]
 
 
 def read_spec(path: Path) -> dict:
@@ -41,8 +45,12 @@ def read_spec(path: Path) -> dict:
     missing = [k for k in REQUIRED if k not in spec] if isinstance(spec, dict) else list(REQUIRED)
     if missing:
         raise UserError(f"{path}: missing key(s) {', '.join(missing)}")
-    if not (isinstance(spec["variants"], list) and spec["variants"] and isinstance(spec["reference"], dict)
-            and all(isinstance(v, dict) for v in spec["variants"])):
+    if not (
+        isinstance(spec["variants"], list)
+        and spec["variants"]
+        and isinstance(spec["reference"], dict)
+        and all(isinstance(v, dict) for v in spec["variants"])
+    ):
         raise UserError(f"{path}: variants must be a non-empty list of objects, reference an object")
     for f in (spec["config"], spec["dev"]):
         if not Path(f).is_file():
@@ -66,14 +74,36 @@ def read_spec(path: Path) -> dict:
 def train(spec: dict, v: dict, out: Path, t0: float) -> str:
     if time.time() - t0 > spec.get("budget_s", float("inf")):
         return "skipped (budget)"
-    args = [sys.executable, str(ROOT / "train.py"), "--config", spec["config"], "--output_dir", str(out / v["name"]),
-            "--eval_sts_file", spec["dev"], "--eval_every", str(v["eval_every"]), "--save_every", str(v["eval_every"]),
-            "--keep_checkpoints", "100000", "--stop_after_n_steps", str(v["stop"]), "--progress", "false",
-            *spec.get("train_args", []), *flags(v)]
+    args = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--config",
+        spec["config"],
+        "--output_dir",
+        str(out / v["name"]),
+        "--eval_sts_file",
+        spec["dev"],
+        "--eval_every",
+        str(v["eval_every"]),
+        "--save_every",
+        str(v["eval_every"]),
+        "--keep_checkpoints",
+        "100000",
+        "--stop_after_n_steps",
+        str(v["stop"]),
+        "--progress",
+        "false",
+        *spec.get("train_args", []),
+        *flags(v),
+    ]
     res = subprocess.run(args, capture_output=True, text=True)
     (out / v["name"]).mkdir(parents=True, exist_ok=True)
     (out / v["name"] / "train.out").write_text(res.stdout + res.stderr)
-    return "ok" if res.returncode == 0 else f"failed (exit {res.returncode}): {(res.stderr or res.stdout).strip()[-300:]}"
+    return (
+        "ok"
+        if res.returncode == 0
+        else f"failed (exit {res.returncode}): {(res.stderr or res.stdout).strip()[-300:]}"
+    )
 
 
 def curve(folder: Path) -> dict[int, float]:
@@ -85,12 +115,16 @@ def curve(folder: Path) -> dict[int, float]:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep", type=Path, help="the sweep's JSON file")
-    p.add_argument("--out", type=Path, required=True, help="a new or empty folder: runs, sweep.json, best.json")
+    p.add_argument(
+        "--out", type=Path, required=True, help="a new or empty folder: runs, sweep.json, best.json"
+    )
     args = p.parse_args(argv)
     try:
         spec = read_spec(args.sweep)
         if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
-            raise UserError(f"--out {args.out}: not an empty folder (a sweep never overwrites an earlier one)")
+            raise UserError(
+                f"--out {args.out}: not an empty folder (a sweep never overwrites an earlier one)"
+            )
     except UserError as e:
         fail("sweep.py", e)
     names, ref = [v["name"] for v in spec["variants"]], spec["reference"]
@@ -104,9 +138,16 @@ def main(argv=None):
         print(f"{n:16s} {status[n]:10.10s} " + " ".join(f"{s}:{x:.2f}" for s, x in sorted(curves[n].items())))
     reference = curves[ref["variant"]].get(ref["step"])
     best = max(((x, n, s) for n in names for s, x in curves[n].items()), default=None)
-    summary = {"sweep": str(args.sweep), "status": status, "curves": curves, "reference": reference,
-               "best": best and {"variant": best[1], "step": best[2], "dev": best[0]}, "bar": spec["bar"],
-               "evaluated": None, "seconds": round(time.time() - t0)}
+    summary = {
+        "sweep": str(args.sweep),
+        "status": status,
+        "curves": curves,
+        "reference": reference,
+        "best": best and {"variant": best[1], "step": best[2], "dev": best[0]},
+        "bar": spec["bar"],
+        "evaluated": None,
+        "seconds": round(time.time() - t0),
+    }
     if reference is None or best is None or best[0] < reference + spec["bar"]:
         print(f"best {best} is not {spec['bar']} above the reference {reference}: no test set read")
     else:
@@ -114,8 +155,19 @@ def main(argv=None):
         ckpt = args.out / name / f"checkpoint-{step:06d}"
         ckpt = ckpt if ckpt.is_dir() else args.out / name / "final"  # the last step has no checkpoint
         model = json.loads((ckpt / "train_config.json").read_text())["model"]
-        cmd = [sys.executable, str(ROOT / "eval.py"), "--model", model, "--adapter", str(ckpt), "--tasks", spec["eval_tasks"],
-               "--out", str(args.out / "best.json"), *spec.get("eval_args", [])]
+        cmd = [
+            sys.executable,
+            str(ROOT / "eval.py"),
+            "--model",
+            model,
+            "--adapter",
+            str(ckpt),
+            "--tasks",
+            spec["eval_tasks"],
+            "--out",
+            str(args.out / "best.json"),
+            *spec.get("eval_args", []),
+        ]
         res = subprocess.run(cmd, text=True)
         summary["evaluated"] = {"adapter": str(ckpt), "exit": res.returncode}
     (args.out / "sweep.json").write_text(json.dumps(summary, indent=1) + "\n")

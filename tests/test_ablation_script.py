@@ -1,4 +1,5 @@
 """scripts/ablation.sh finds an interpreter where only `python3` exists (as on some GPU images)."""
+
 import os
 import shutil
 import subprocess
@@ -30,8 +31,13 @@ def test_ablation_finds_python3_or_says_so(tmp_path, with_python3):
     tools = {"dirname": shutil.which("dirname")} | ({"python3": sys.executable} if with_python3 else {})
     env = layout(tmp_path, tools)
     env.pop("PY", None)
-    r = subprocess.run([shutil.which("bash"), str(tmp_path / "scripts" / "ablation.sh"), "no-such-row"],
-                       env=env, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [shutil.which("bash"), str(tmp_path / "scripts" / "ablation.sh"), "no-such-row"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2
     if with_python3:  # got past the line that reads the KE prompt with the interpreter
         assert r.stderr.strip() == "unknown row no-such-row"

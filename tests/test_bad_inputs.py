@@ -96,17 +96,25 @@ def jsonl(rows) -> str:
     return "".join(json.dumps(r) + "\n" for r in rows)
 
 
-TRIPLES = [{"query": f"what is {w}?", "positive": f"{w} is a thing number {i}.", "negative": f"nothing {i}."}
-           for i, w in enumerate(["cats", "dogs", "rivers", "planes"] * 2)]
-CORPUS = [{"_id": f"d{i}", "title": "", "text": f"Document {i} is about {w}."}
-          for i, w in enumerate(["cats", "dogs", "rivers", "planes", "songs", "books"])]
-QUERIES = [{"_id": f"q{i}", "text": f"Which document is about {w}?"}
-           for i, w in enumerate(["cats", "dogs", "songs"])]
+TRIPLES = [
+    {"query": f"what is {w}?", "positive": f"{w} is a thing number {i}.", "negative": f"nothing {i}."}
+    for i, w in enumerate(["cats", "dogs", "rivers", "planes"] * 2)
+]
+CORPUS = [
+    {"_id": f"d{i}", "title": "", "text": f"Document {i} is about {w}."}
+    for i, w in enumerate(["cats", "dogs", "rivers", "planes", "songs", "books"])
+]
+QUERIES = [
+    {"_id": f"q{i}", "text": f"Which document is about {w}?"} for i, w in enumerate(["cats", "dogs", "songs"])
+]
 QRELS = "query-id\tcorpus-id\tscore\nq0\td0\t1\nq1\td1\t1\nq2\td4\t1\n"
 DEEP = "[" * 100_000 + "]" * 100_000
 
 FILES = {  # name in {d}: content (str: UTF-8; bytes as is; None: a folder)
-    "empty.txt": "", "blank.txt": "\n  \n\t\n\n", "folder": None, "file": "not a folder",
+    "empty.txt": "",
+    "blank.txt": "\n  \n\t\n\n",
+    "folder": None,
+    "file": "not a folder",
     "latin1.txt": "caf\xe9 au lait\nna\xefve\n".encode("latin-1"),
     "latin1.jsonl": '{"text": "caf\xe9"}\n'.encode("latin-1"),
     "utf16.txt": "A cat sits.\nA dog runs.\n".encode("utf-16"),
@@ -115,11 +123,13 @@ FILES = {  # name in {d}: content (str: UTF-8; bytes as is; None: a folder)
     "bad.jsonl": '{"text": "ok"}\n{"text": broken}\n',
     "notext.jsonl": '{"body": "no text"}\n',
     "blanktext.jsonl": '{"text": "a cat"}\n{"text": "   "}\n',
-    "num.jsonl": '{"text": 42}\n', "inst-list.jsonl": '{"text": "a cat", "instruction": ["x"]}\n',
+    "num.jsonl": '{"text": 42}\n',
+    "inst-list.jsonl": '{"text": "a cat", "instruction": ["x"]}\n',
     "list-record.jsonl": '["a cat"]\n',
     "surrogate.jsonl": '{"text": "a cat"}\n{"text": "caf\\ud800"}\n',
     "surrogate-inst.jsonl": '{"text": "a cat", "instruction": "\\udfff"}\n',
-    "deep.jsonl": '{"text": "a cat"}\n' + DEEP + "\n", "deep.json": DEEP,
+    "deep.jsonl": '{"text": "a cat"}\n' + DEEP + "\n",
+    "deep.json": DEEP,
     "nan-text.jsonl": '{"text": NaN}\n',
     "bom.txt": "\ufeffA cat sits.\nA cat sits.\n".encode(),
     "crlf.txt": b"A cat sits.\r\nA dog runs.\r\n",
@@ -136,25 +146,39 @@ FILES = {  # name in {d}: content (str: UTF-8; bytes as is; None: a folder)
     "dataset-number.jsonl": jsonl({**t, "dataset": 3} for t in TRIPLES),
     "long-instruction.jsonl": jsonl({**t, "instruction": "word " * 60} for t in TRIPLES),
     "pairs.txt": "a cat\ta dog\t3.5\n" * 8,
-    "pairs-bad-score.jsonl": jsonl([{"sentence1": "a", "sentence2": "b", "score": 1}] * 8
-                                   + [{"sentence1": "a", "sentence2": "b", "score": "high"}]),
+    "pairs-bad-score.jsonl": jsonl(
+        [{"sentence1": "a", "sentence2": "b", "score": 1}] * 8
+        + [{"sentence1": "a", "sentence2": "b", "score": "high"}]
+    ),
     "pairs-bool-score.jsonl": jsonl([{"sentence1": "a", "sentence2": "b", "score": True}] * 8),
     "sts-bad.csv": "only\tthree\tfields\n",
     "bad-sts.csv": "score\tsentence one\tsentence two\n4.0\tA cat.\tA dog.\n",
     "latin1-sts.csv": sts_text(STS_ROWS[:3]).replace("A man", "Caf\xe9").encode("latin-1"),
-    "list.json": "[1, 2]", "malformed.json": "{not json", "unknown-key.json": '{"learning_rate": 1}',
-    "wrong-type.json": '{"warmup_steps": "2"}', "objective-mlm.json": '{"objective": "mlm"}',
+    "list.json": "[1, 2]",
+    "malformed.json": "{not json",
+    "unknown-key.json": '{"learning_rate": 1}',
+    "wrong-type.json": '{"warmup_steps": "2"}',
+    "objective-mlm.json": '{"objective": "mlm"}',
     "objective-list.json": '{"objective": ["mntp"]}',
-    "lr-inf.json": '{"lr": Infinity}', "lr-1e400.json": '{"lr": 1e400}', "lr-nan.json": '{"lr": NaN}',
-    "lr-string.json": '{"lr": "1e-3"}', "steps-bool.json": '{"max_steps": true}',
-    "batch-float.json": '{"batch_size": 4.0}', "alpha-inf.json": '{"lora_alpha": Infinity}',
-    "layers-true.json": '{"lora_layers": [true]}', "layers-float.json": '{"lora_layers": [1.0]}',
-    "layers-int.json": '{"lora_layers": 1}', "targets-empty.json": '{"lora_targets": []}',
+    "lr-inf.json": '{"lr": Infinity}',
+    "lr-1e400.json": '{"lr": 1e400}',
+    "lr-nan.json": '{"lr": NaN}',
+    "lr-string.json": '{"lr": "1e-3"}',
+    "steps-bool.json": '{"max_steps": true}',
+    "batch-float.json": '{"batch_size": 4.0}',
+    "alpha-inf.json": '{"lora_alpha": Infinity}',
+    "layers-true.json": '{"lora_layers": [true]}',
+    "layers-float.json": '{"lora_layers": [1.0]}',
+    "layers-int.json": '{"lora_layers": 1}',
+    "targets-empty.json": '{"lora_targets": []}',
     "targets-blank.json": '{"lora_targets": ["q_proj", " "]}',
     "init-adapter-str.json": '{"init_adapter": "x"}',
-    "prompt-number.json": '{"prompt": 5}', "seed-null.json": '{"seed": null}',
-    "cfg-deep.json": DEEP, "cfg-latin1.json": '{"prompt": "caf\xe9 {text}"}'.encode("latin-1"),
-    "cfg-bom.json": '\ufeff{"lr": 0.001}'.encode(), "cfg-utf16.json": '{"lr": 0.001}'.encode("utf-16"),
+    "prompt-number.json": '{"prompt": 5}',
+    "seed-null.json": '{"seed": null}',
+    "cfg-deep.json": DEEP,
+    "cfg-latin1.json": '{"prompt": "caf\xe9 {text}"}'.encode("latin-1"),
+    "cfg-bom.json": '\ufeff{"lr": 0.001}'.encode(),
+    "cfg-utf16.json": '{"lr": 0.001}'.encode("utf-16"),
     "cfg-utf32.json": '{"lr": 0.001}'.encode("utf-32"),
     "cfg-dup-key.json": '{"lr": 0.5, "lr": 0.001}',
 }
@@ -179,12 +203,16 @@ def set_json(name: str, drop=(), **updates):
         cfg = json.loads((folder / name).read_text())
         cfg = {k: v for k, v in {**cfg, **updates}.items() if k not in drop}
         (folder / name).write_text(json.dumps(cfg, indent=2))
+
     return edit
 
 
 def write(name: str, content):
-    return lambda folder: (own(folder / name).write_bytes(content) if isinstance(content, bytes)
-                           else own(folder / name).write_text(content))
+    return lambda folder: (
+        own(folder / name).write_bytes(content)
+        if isinstance(content, bytes)
+        else own(folder / name).write_text(content)
+    )
 
 
 def reencode(name: str, encoding: str):
@@ -196,6 +224,7 @@ def edit_tensors(change, name="model.safetensors"):
         t = load_file(folder / name)
         t = change(t) or t
         save_file(t, own(folder / name), metadata={"format": "pt"})
+
     return edit
 
 
@@ -219,8 +248,10 @@ MODELS = {  # name in {m}: edit of a copy of the tiny model (weights symlinked u
     "no-weights": lambda m: (m / "model.safetensors").unlink(),
     "truncated": lambda m: truncate(m / "model.safetensors"),
     "weights-empty": write("model.safetensors", b""),
-    "pickle-only": lambda m: ((m / "model.safetensors").unlink(),
-                              (m / "pytorch_model.bin").write_bytes(b"\x80\x02}q\x00.")),
+    "pickle-only": lambda m: (
+        (m / "model.safetensors").unlink(),
+        (m / "pytorch_model.bin").write_bytes(b"\x80\x02}q\x00."),
+    ),
     "empty-folder": lambda m: [p.unlink() for p in list(m.iterdir())],
     # config.json's fields
     "hidden-size-0": set_json("config.json", hidden_size=0),
@@ -234,17 +265,27 @@ MODELS = {  # name in {m}: edit of a copy of the tiny model (weights symlinked u
     "head-dim-odd": set_json("config.json", head_dim=15),
     "eps-string": set_json("config.json", rms_norm_eps="1e-5"),
     "eps-0": set_json("config.json", rms_norm_eps=0),
-    "eps-inf": write("config.json", '{"model_type": "llama", "vocab_size": 49152, "hidden_size": 64, '
-                     '"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, '
-                     '"head_dim": 16, "intermediate_size": 128, "rms_norm_eps": Infinity, '
-                     '"tie_word_embeddings": true}'),
+    "eps-inf": write(
+        "config.json",
+        '{"model_type": "llama", "vocab_size": 49152, "hidden_size": 64, '
+        '"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, '
+        '"head_dim": 16, "intermediate_size": 128, "rms_norm_eps": Infinity, '
+        '"tie_word_embeddings": true}',
+    ),
     "theta-string": set_json("config.json", rope_theta="abc"),
     "theta-0": set_json("config.json", rope_theta=0),
     "theta-negative": set_json("config.json", rope_theta=-10000.0),
     "llama3-missing-keys": set_json("config.json", rope_scaling={"rope_type": "llama3", "factor": 8.0}),
-    "llama3-low-above-high": set_json("config.json", rope_scaling={
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0,
-        "original_max_position_embeddings": 8192}),
+    "llama3-low-above-high": set_json(
+        "config.json",
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 4.0,
+            "high_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ),
     "linear-no-factor": set_json("config.json", rope_scaling={"type": "linear"}),
     "linear-factor-0": set_json("config.json", rope_scaling={"type": "linear", "factor": 0}),
     "rope-scaling-string": set_json("config.json", rope_scaling="linear"),
@@ -266,11 +307,13 @@ MODELS = {  # name in {m}: edit of a copy of the tiny model (weights symlinked u
     "config-utf8-bom": reencode("config.json", "utf-8-sig"),
     "tokenizer-utf8-bom": reencode("tokenizer.json", "utf-8-sig"),
     "config-latin1": lambda m: own(m / "config.json").write_bytes(
-        (m / "config.json").read_text().replace('"llama"', '"llama", "name": "caf\xe9"').encode("latin-1")),
+        (m / "config.json").read_text().replace('"llama"', '"llama", "name": "caf\xe9"').encode("latin-1")
+    ),
     "config-deep": write("config.json", DEEP),
-    "index-bad-value": lambda m: ((m / "model.safetensors").unlink(),
-                                  (m / "model.safetensors.index.json").write_text(
-        json.dumps({"weight_map": {"model.norm.weight": 5}}))),
+    "index-bad-value": lambda m: (
+        (m / "model.safetensors").unlink(),
+        (m / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"model.norm.weight": 5}})),
+    ),
 }
 
 ADAPTERS = {  # name in {a}: edit of a copy of the finished run's final/
@@ -288,8 +331,9 @@ ADAPTERS = {  # name in {a}: edit of a copy of the finished run's final/
     "layers-0": set_json("adapter_config.json", layers_to_transform=[0]),
     "rank-8": set_json("adapter_config.json", r=8),
     "not-lora": set_json("adapter_config.json", peft_type="IA3"),
-    "foreign-keys": edit_tensors(lambda t: {k.replace("layers.", "blocks."): v for k, v in t.items()},
-                                 "adapter_model.safetensors"),
+    "foreign-keys": edit_tensors(
+        lambda t: {k.replace("layers.", "blocks."): v for k, v in t.items()}, "adapter_model.safetensors"
+    ),
     "r-0": set_json("adapter_config.json", r=0),
     "r-float": set_json("adapter_config.json", r=4.5),
     "r-bool": set_json("adapter_config.json", r=True),
@@ -303,6 +347,7 @@ ADAPTERS = {  # name in {a}: edit of a copy of the finished run's final/
 
 def evaldata(edit=None):
     """An evaluation data folder: STS-B dev, SICK trial and a small BEIR set (as msmarco-subset)."""
+
     def build(e: Path):
         (e / "stsbenchmark").mkdir(parents=True)
         (e / "stsbenchmark" / "sts-dev.csv").write_text(sts_text(STS_ROWS))
@@ -315,6 +360,7 @@ def evaldata(edit=None):
         (beir / "qrels" / "test.tsv").write_text(QRELS)
         if edit:
             edit(e)
+
     return build
 
 
@@ -341,8 +387,9 @@ EVALDATA = {  # name in {ev}: an evaluation folder, as built or edited
     "qrels-bad-score": evaldata(write(f"{BEIR}/qrels/test.tsv", QRELS + "q0\td1\tx\n")),
     "qrels-empty": evaldata(write(f"{BEIR}/qrels/test.tsv", "")),
     "corpus-text-number": evaldata(write(f"{BEIR}/corpus.jsonl", jsonl(CORPUS + [{"_id": "d9", "text": 5}]))),
-    "corpus-duplicate-id": evaldata(write(f"{BEIR}/corpus.jsonl",
-                                          jsonl(CORPUS + [{"_id": "d0", "text": "x"}]))),
+    "corpus-duplicate-id": evaldata(
+        write(f"{BEIR}/corpus.jsonl", jsonl(CORPUS + [{"_id": "d0", "text": "x"}]))
+    ),
     "corpus-all-empty": evaldata(write(f"{BEIR}/corpus.jsonl", jsonl({**c, "text": " "} for c in CORPUS))),
     "queries-missing": evaldata(lambda e: (e / BEIR / "queries.jsonl").unlink()),
     "query-blank": evaldata(write(f"{BEIR}/queries.jsonl", jsonl(QUERIES + [{"_id": "q5", "text": " "}]))),
@@ -355,10 +402,32 @@ EVALDATA = {  # name in {ev}: an evaluation folder, as built or edited
 def T(out="{tmp}/out", steps=2, objective="mntp", train_file=None, save_every=0):
     """train.py on the tiny model: a 2-step run into a fresh folder unless told otherwise."""
     train_file = train_file or {"supervised": "{triples}", "cosent": "{pairs}"}.get(objective, "{sents}")
-    return ["--objective", objective, "--model", "{tiny}", "--train_file", train_file, "--output_dir", out,
-            "--max_steps", str(steps), "--batch_size", "4", "--max_seq_length", "32", "--lora_r", "4",
-            "--lora_alpha", "8", "--autocast", "none", "--progress", "false", "--log_every", "1"] + (
-        ["--save_every", str(save_every)] if save_every else [])
+    return [
+        "--objective",
+        objective,
+        "--model",
+        "{tiny}",
+        "--train_file",
+        train_file,
+        "--output_dir",
+        out,
+        "--max_steps",
+        str(steps),
+        "--batch_size",
+        "4",
+        "--max_seq_length",
+        "32",
+        "--lora_r",
+        "4",
+        "--lora_alpha",
+        "8",
+        "--autocast",
+        "none",
+        "--progress",
+        "false",
+        "--log_every",
+        "1",
+    ] + (["--save_every", str(save_every)] if save_every else [])
 
 
 def RUN6(out="{tmp}/run"):
@@ -366,10 +435,34 @@ def RUN6(out="{tmp}/run"):
     return T(out, steps=6, save_every=2) + ["--lr", "1e-3"]
 
 
-SIMCSE = ["--config", "{repo}/configs/simcse/smollm2-135m.json", "--model", "{tiny}",  # the demo preset
-          "--train_file", "{sents}", "--output_dir", "{tmp}/out", "--init_adapter", "{a}/good",
-          "--max_steps", "2", "--batch_size", "4", "--max_seq_length", "32", "--lora_r", "4",
-          "--autocast", "none", "--progress", "false", "--eval_every", "1", "--save_every", "1"]
+SIMCSE = [
+    "--config",
+    "{repo}/configs/simcse/smollm2-135m.json",
+    "--model",
+    "{tiny}",  # the demo preset
+    "--train_file",
+    "{sents}",
+    "--output_dir",
+    "{tmp}/out",
+    "--init_adapter",
+    "{a}/good",
+    "--max_steps",
+    "2",
+    "--batch_size",
+    "4",
+    "--max_seq_length",
+    "32",
+    "--lora_r",
+    "4",
+    "--autocast",
+    "none",
+    "--progress",
+    "false",
+    "--eval_every",
+    "1",
+    "--save_every",
+    "1",
+]
 
 
 def E(*argv, model="{tiny}"):
@@ -377,8 +470,21 @@ def E(*argv, model="{tiny}"):
 
 
 def V(*argv, data="good", tasks="stsb-dev"):
-    return ["--model", "{tiny}", "--data-dir", "{ev}/" + data, "--tasks", tasks, "--out", "{tmp}/res.json",
-            "--autocast", "none", "--max-batch-tokens", "1024", *argv]
+    return [
+        "--model",
+        "{tiny}",
+        "--data-dir",
+        "{ev}/" + data,
+        "--tasks",
+        tasks,
+        "--out",
+        "{tmp}/res.json",
+        "--autocast",
+        "none",
+        "--max-batch-tokens",
+        "1024",
+        *argv,
+    ]
 
 
 def texts(n):
@@ -393,6 +499,7 @@ def copy_run(src="{run}", rel="run", edit=None):
         shutil.copytree(ctx.fill(src), ctx.tmp / rel)
         if edit:
             edit(ctx.tmp / rel)
+
     return setup
 
 
@@ -401,6 +508,7 @@ def in_tmp(name, content):
         p = ctx.tmp / name
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(content) if isinstance(content, bytes) else p.write_text(content)
+
     return setup
 
 
@@ -408,22 +516,26 @@ def chain(*setups):
     def setup(ctx):
         for s in setups:
             s(ctx)
+
     return setup
 
 
 def hold_lock(rel="out"):
     """What a running train.py holds: an exclusive lock on <output_dir>/.lock (released at teardown)."""
+
     def setup(ctx):
         (ctx.tmp / rel).mkdir(parents=True, exist_ok=True)
         f = open(ctx.tmp / rel / ".lock", "a")
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         ctx.cleanup.append(f.close)
+
     return setup
 
 
 def full_disk(method: str, when: str):
     """A disk that fills up while a file whose path holds `when` is written by Path.<method> (or by torch.save
     straight to the file: torch reports that as a RuntimeError of its own)."""
+
     def setup(ctx):
         real, real_save = getattr(Path, method), torch.save
 
@@ -437,8 +549,10 @@ def full_disk(method: str, when: str):
             if isinstance(f, (str, os.PathLike)) and when.replace("/.", "/") in str(f):
                 raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
             return real_save(obj, f, *a, **k)
+
         ctx.monkeypatch.setattr(Path, method, fake)
         ctx.monkeypatch.setattr(torch, "save", fake_save)
+
     return setup
 
 
@@ -446,17 +560,20 @@ def full_disk_npy(ctx):
     def fake(f, array, *a, **k):
         f.write(b"\x93NUMPY partial")
         raise OSError(errno.ENOSPC, "No space left on device")
+
     ctx.monkeypatch.setattr(np, "save", fake)
 
 
 def full_disk_safetensors(when: str):
     """A disk that fills up while safetensors writes a file whose path holds `when`: its own error type."""
+
     def setup(ctx):
         import safetensors.torch
         from safetensors import SafetensorError
 
         import l2v.adapters
         import l2v.checkpoint
+
         real = safetensors.torch.save_file
 
         def fake(tensors, path, metadata=None):
@@ -464,8 +581,10 @@ def full_disk_safetensors(when: str):
                 return real(tensors, path, metadata=metadata)
             Path(path).write_bytes(b"partial")
             raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
         for module in (safetensors.torch, l2v.checkpoint, l2v.adapters):  # wherever it was imported to
             ctx.monkeypatch.setattr(module, "save_file", fake, raising=False)
+
     return setup
 
 
@@ -478,12 +597,14 @@ def full_disk_log(ctx):
         if str(path).endswith("log.jsonl") and mode == "a":
             raise OSError(errno.ENOSPC, "No space left on device")
         return builtins.open(path, mode, *a, **k)
+
     for module in (l2v.files, train):  # where a log line is written
         ctx.monkeypatch.setattr(module, "open", fake, raising=False)
 
 
 def lower_line_limit(ctx):
     import l2v.data
+
     ctx.monkeypatch.setattr(l2v.data, "MAX_LINE_BYTES", 1000)
 
 
@@ -498,6 +619,7 @@ def npy(rel="{tmp}/emb.npy", rows=None, distinct=False, equal=None, unit=False):
             assert np.allclose(a[equal[0]], a[equal[1]], atol=1e-5), f"{rel}: rows {equal} differ (same text)"
         if unit:
             assert np.allclose(np.linalg.norm(a, axis=1), 1, atol=1e-4), f"{rel}: rows not unit-norm"
+
     return check
 
 
@@ -512,6 +634,7 @@ def run_done(rel="{tmp}/out", resumed_from=None, max_steps=None, log_key=None):
         if log_key:
             recs = [json.loads(x) for x in (folder / "log.jsonl").read_text().splitlines()]
             assert [r[log_key] for r in recs if log_key in r], f"log.jsonl has no {log_key}"
+
     return check
 
 
@@ -520,12 +643,14 @@ def results_json(n):
         obj = json.loads((ctx.tmp / "res.json").read_text(), parse_constant=lambda c: 1 / 0)  # strict JSON
         scores = [v for r in obj["results"] for v in r["scores"].values()]
         assert len(obj["results"]) == n and None not in scores, obj["results"]
+
     return check
 
 
 def same_as_good(ctx, result, out):
     """Embeddings equal to the unchanged model's (the file was read, not misread)."""
     from l2v.encoder import Encoder
+
     want = Encoder.from_pretrained(ctx.fill("{tiny}"), autocast="none").encode(["A cat.", "A dog."])
     assert np.allclose(np.load(ctx.tmp / "emb.npy"), want, atol=1e-5), "differs from the good model's"
 
@@ -551,6 +676,7 @@ def checkpoint_kept(rel, step):
         state = torch.load(ctx.tmp / rel / f"checkpoint-{step:06d}" / "trainer_state.pt", weights_only=True)
         assert state["step"] == step
         assert not list((ctx.tmp / rel).glob(".tmp-*")), "a temporary folder was left behind"
+
     return check
 
 
@@ -564,14 +690,17 @@ def api_encode(*args, **kw):
 def api_load(model="{tiny}", **kw):
     def load(ctx):
         from l2v.encoder import Encoder
+
         fill = lambda v: [ctx.fill(x) for x in v] if isinstance(v, list) else ctx.fill(v)  # noqa: E731
         return Encoder.from_pretrained(fill(model), **{k: fill(v) for k, v in kw.items()})
+
     return load
 
 
 def shape(rows):
     def check(ctx, result, out):
         assert isinstance(result, np.ndarray) and result.shape == (rows, 64) and np.isfinite(result).all()
+
     return check
 
 
@@ -580,477 +709,1232 @@ def shape(rows):
 NOT_A_RUN = ("--output_dir", "earlier run", "--resume")
 CASES = [
     # ================================================================ 1 nothing lost
-    Case("train/rerun-into-finished-run", "loss", "train", RUN6(), "error", NOT_A_RUN + ("--overwrite",),
-         setup=copy_run(), protect=("{tmp}/run",)),
-    Case("train/new-run-into-finished-run", "loss", "train", T("{tmp}/run") + ["--lr", "5e-3"], "error",
-         NOT_A_RUN, setup=copy_run(), protect=("{tmp}/run",)),
-    Case("train/output-dir-holds-user-files", "loss", "train", T("{tmp}/notes"), "error",
-         ("--output_dir", "not empty", "--overwrite"), setup=in_tmp("notes/README.txt", "my notes"),
-         protect=("{tmp}/notes",)),
-    Case("train/output-dir-is-file", "loss", "train", T("{d}/file"), "error",
-         ("--output_dir", "not a folder"),
-         protect=("{d}/file",)),
-    Case("train/output-dir-under-file", "loss", "train", T("{d}/file/out"), "error", ("--output_dir", "file"),
-         protect=("{d}/file",)),
-    Case("train/overwrite-init-adapter-own-final", "loss", "train",
-         T("{tmp}/run") + ["--overwrite", "true", "--init_adapter", "{tmp}/run/final"], "error",
-         ("--init_adapter", "final", "rewritten"), setup=copy_run(), protect=("{tmp}/run",)),
-    Case("train/overwrite-init-adapter-own-checkpoint", "loss", "train",
-         T("{tmp}/run") + ["--overwrite", "true", "--init_adapter", "{tmp}/run/checkpoint-000004"], "error",
-         ("--init_adapter", "checkpoint-000004"), setup=copy_run(), protect=("{tmp}/run",)),
-    Case("train/overwrite-init-adapter-is-output-dir", "loss", "train",
-         T("{tmp}/ad") + ["--overwrite", "true", "--init_adapter", "{tmp}/ad"], "error",
-         ("--init_adapter", "--output_dir"), setup=copy_run("{a}/good", "ad"), protect=("{tmp}/ad",)),
-    Case("train/overwrite-train-file-in-own-final", "loss", "train",
-         T("{tmp}/run", train_file="{tmp}/run/final/sents.txt") + ["--overwrite", "true"], "error",
-         ("--train_file", "rewritten"), protect=("{tmp}/run",),
-         setup=copy_run(edit=lambda r: (r / "final" / "sents.txt").write_text(" ".join(["word"] * 2000)))),
-    Case("train/merge-out-own-final", "loss", "train",
-         T("{tmp}/run") + ["--overwrite", "true", "--merge_out", "{tmp}/run/final"], "error",
-         ("--merge_out", "final"), setup=copy_run(), protect=("{tmp}/run",)),
-    Case("train/merge-out-is-output-dir", "loss", "train", T() + ["--merge_out", "{tmp}/out"], "error",
-         ("--merge_out", "--output_dir")),
-    Case("train/merge-out-holds-output-dir", "loss", "train", T("{tmp}/m/out") + ["--merge_out", "{tmp}/m"],
-         "error", ("--merge_out", "--output_dir")),
-    Case("train/merge-out-existing-model", "loss", "train", T() + ["--merge_out", "{tiny}"], "error",
-         ("--merge_out", "not empty"), protect=("{tiny}",)),
-    Case("train/merge-out-is-file", "loss", "train", T() + ["--merge_out", "{d}/file"], "error",
-         ("--merge_out", "file"), protect=("{d}/file",)),
-    Case("train/merge-out-ok", "loss", "train", T() + ["--merge_out", "{tmp}/merged"], "ok",
-         check=merged_folder),
-    Case("train/overwrite-keeps-user-files", "loss", "train", T("{tmp}/run") + ["--overwrite", "true"], "ok",
-         setup=copy_run(edit=lambda r: (r / "notes.txt").write_text("mine")), check=user_files_kept),
-    Case("train/second-run-on-locked-folder", "loss", "train", T(), "error",
-         ("--output_dir", "another train.py"), setup=hold_lock()),
-    Case("train/second-run-resuming-locked-folder", "loss", "train", RUN6() + ["--resume", "true"], "error",
-         ("--output_dir", "another train.py"), setup=chain(copy_run(), hold_lock("run")),
-         protect=("{tmp}/run",)),
-    Case("train/stale-lock-of-a-killed-run", "loss", "train", T(), "ok", setup=in_tmp("out/.lock", ""),
-         check=run_done()),
-    Case("train/full-disk-at-a-checkpoint", "loss", "train", T(steps=6, save_every=2), "error",
-         ("checkpoint-000004", "no space left"), late=True,
-         setup=full_disk_safetensors(".tmp-checkpoint-000004"), check=checkpoint_kept("out", 2)),
-    Case("train/full-disk-at-trainer-state", "loss", "train", T(steps=6, save_every=2), "error",
-         ("checkpoint-000004", "no space left"), late=True,
-         setup=full_disk("write_bytes", ".tmp-checkpoint-000004/.trainer_state"),
-         check=checkpoint_kept("out", 2)),
-    Case("train/full-disk-at-final", "loss", "train", T(steps=4, save_every=2), "error",
-         ("final", "no space left"), late=True, setup=full_disk_safetensors(".tmp-final"),
-         check=checkpoint_kept("out", 2)),
-    Case("train/full-disk-at-the-log", "loss", "train", T(), "error", ("log.jsonl", "no space left"),
-         late=True,
-         setup=full_disk_log),
-    Case("train/full-disk-at-merge", "loss", "train", T() + ["--merge_out", "{tmp}/merged"], "error",
-         ("merged", "no space left"), late=True, setup=full_disk_safetensors(".tmp-merged"),
-         check=merge_failed_cleanly),
-    Case("encode/full-disk-keeps-earlier-npy", "loss", "encode",
-         E("--text", "A cat.", "--out", "{tmp}/emb.npy"),
-         "error", ("emb.npy", "no space left"), protect=("{tmp}/emb.npy",),
-         setup=chain(in_tmp("emb.npy", b"an earlier result"), full_disk_npy)),
-    Case("eval/full-disk-keeps-earlier-json", "loss", "eval", V(), "error", ("res.json", "no space left"),
-         protect=("{tmp}/res.json",), setup=chain(in_tmp("res.json", '{"earlier": 1}'),
-                                                  full_disk("write_text", ".res.json.tmp"))),
+    Case(
+        "train/rerun-into-finished-run",
+        "loss",
+        "train",
+        RUN6(),
+        "error",
+        NOT_A_RUN + ("--overwrite",),
+        setup=copy_run(),
+        protect=("{tmp}/run",),
+    ),
+    Case(
+        "train/new-run-into-finished-run",
+        "loss",
+        "train",
+        T("{tmp}/run") + ["--lr", "5e-3"],
+        "error",
+        NOT_A_RUN,
+        setup=copy_run(),
+        protect=("{tmp}/run",),
+    ),
+    Case(
+        "train/output-dir-holds-user-files",
+        "loss",
+        "train",
+        T("{tmp}/notes"),
+        "error",
+        ("--output_dir", "not empty", "--overwrite"),
+        setup=in_tmp("notes/README.txt", "my notes"),
+        protect=("{tmp}/notes",),
+    ),
+    Case(
+        "train/output-dir-is-file",
+        "loss",
+        "train",
+        T("{d}/file"),
+        "error",
+        ("--output_dir", "not a folder"),
+        protect=("{d}/file",),
+    ),
+    Case(
+        "train/output-dir-under-file",
+        "loss",
+        "train",
+        T("{d}/file/out"),
+        "error",
+        ("--output_dir", "file"),
+        protect=("{d}/file",),
+    ),
+    Case(
+        "train/overwrite-init-adapter-own-final",
+        "loss",
+        "train",
+        T("{tmp}/run") + ["--overwrite", "true", "--init_adapter", "{tmp}/run/final"],
+        "error",
+        ("--init_adapter", "final", "rewritten"),
+        setup=copy_run(),
+        protect=("{tmp}/run",),
+    ),
+    Case(
+        "train/overwrite-init-adapter-own-checkpoint",
+        "loss",
+        "train",
+        T("{tmp}/run") + ["--overwrite", "true", "--init_adapter", "{tmp}/run/checkpoint-000004"],
+        "error",
+        ("--init_adapter", "checkpoint-000004"),
+        setup=copy_run(),
+        protect=("{tmp}/run",),
+    ),
+    Case(
+        "train/overwrite-init-adapter-is-output-dir",
+        "loss",
+        "train",
+        T("{tmp}/ad") + ["--overwrite", "true", "--init_adapter", "{tmp}/ad"],
+        "error",
+        ("--init_adapter", "--output_dir"),
+        setup=copy_run("{a}/good", "ad"),
+        protect=("{tmp}/ad",),
+    ),
+    Case(
+        "train/overwrite-train-file-in-own-final",
+        "loss",
+        "train",
+        T("{tmp}/run", train_file="{tmp}/run/final/sents.txt") + ["--overwrite", "true"],
+        "error",
+        ("--train_file", "rewritten"),
+        protect=("{tmp}/run",),
+        setup=copy_run(edit=lambda r: (r / "final" / "sents.txt").write_text(" ".join(["word"] * 2000))),
+    ),
+    Case(
+        "train/merge-out-own-final",
+        "loss",
+        "train",
+        T("{tmp}/run") + ["--overwrite", "true", "--merge_out", "{tmp}/run/final"],
+        "error",
+        ("--merge_out", "final"),
+        setup=copy_run(),
+        protect=("{tmp}/run",),
+    ),
+    Case(
+        "train/merge-out-is-output-dir",
+        "loss",
+        "train",
+        T() + ["--merge_out", "{tmp}/out"],
+        "error",
+        ("--merge_out", "--output_dir"),
+    ),
+    Case(
+        "train/merge-out-holds-output-dir",
+        "loss",
+        "train",
+        T("{tmp}/m/out") + ["--merge_out", "{tmp}/m"],
+        "error",
+        ("--merge_out", "--output_dir"),
+    ),
+    Case(
+        "train/merge-out-existing-model",
+        "loss",
+        "train",
+        T() + ["--merge_out", "{tiny}"],
+        "error",
+        ("--merge_out", "not empty"),
+        protect=("{tiny}",),
+    ),
+    Case(
+        "train/merge-out-is-file",
+        "loss",
+        "train",
+        T() + ["--merge_out", "{d}/file"],
+        "error",
+        ("--merge_out", "file"),
+        protect=("{d}/file",),
+    ),
+    Case(
+        "train/merge-out-ok",
+        "loss",
+        "train",
+        T() + ["--merge_out", "{tmp}/merged"],
+        "ok",
+        check=merged_folder,
+    ),
+    Case(
+        "train/overwrite-keeps-user-files",
+        "loss",
+        "train",
+        T("{tmp}/run") + ["--overwrite", "true"],
+        "ok",
+        setup=copy_run(edit=lambda r: (r / "notes.txt").write_text("mine")),
+        check=user_files_kept,
+    ),
+    Case(
+        "train/second-run-on-locked-folder",
+        "loss",
+        "train",
+        T(),
+        "error",
+        ("--output_dir", "another train.py"),
+        setup=hold_lock(),
+    ),
+    Case(
+        "train/second-run-resuming-locked-folder",
+        "loss",
+        "train",
+        RUN6() + ["--resume", "true"],
+        "error",
+        ("--output_dir", "another train.py"),
+        setup=chain(copy_run(), hold_lock("run")),
+        protect=("{tmp}/run",),
+    ),
+    Case(
+        "train/stale-lock-of-a-killed-run",
+        "loss",
+        "train",
+        T(),
+        "ok",
+        setup=in_tmp("out/.lock", ""),
+        check=run_done(),
+    ),
+    Case(
+        "train/full-disk-at-a-checkpoint",
+        "loss",
+        "train",
+        T(steps=6, save_every=2),
+        "error",
+        ("checkpoint-000004", "no space left"),
+        late=True,
+        setup=full_disk_safetensors(".tmp-checkpoint-000004"),
+        check=checkpoint_kept("out", 2),
+    ),
+    Case(
+        "train/full-disk-at-trainer-state",
+        "loss",
+        "train",
+        T(steps=6, save_every=2),
+        "error",
+        ("checkpoint-000004", "no space left"),
+        late=True,
+        setup=full_disk("write_bytes", ".tmp-checkpoint-000004/.trainer_state"),
+        check=checkpoint_kept("out", 2),
+    ),
+    Case(
+        "train/full-disk-at-final",
+        "loss",
+        "train",
+        T(steps=4, save_every=2),
+        "error",
+        ("final", "no space left"),
+        late=True,
+        setup=full_disk_safetensors(".tmp-final"),
+        check=checkpoint_kept("out", 2),
+    ),
+    Case(
+        "train/full-disk-at-the-log",
+        "loss",
+        "train",
+        T(),
+        "error",
+        ("log.jsonl", "no space left"),
+        late=True,
+        setup=full_disk_log,
+    ),
+    Case(
+        "train/full-disk-at-merge",
+        "loss",
+        "train",
+        T() + ["--merge_out", "{tmp}/merged"],
+        "error",
+        ("merged", "no space left"),
+        late=True,
+        setup=full_disk_safetensors(".tmp-merged"),
+        check=merge_failed_cleanly,
+    ),
+    Case(
+        "encode/full-disk-keeps-earlier-npy",
+        "loss",
+        "encode",
+        E("--text", "A cat.", "--out", "{tmp}/emb.npy"),
+        "error",
+        ("emb.npy", "no space left"),
+        protect=("{tmp}/emb.npy",),
+        setup=chain(in_tmp("emb.npy", b"an earlier result"), full_disk_npy),
+    ),
+    Case(
+        "eval/full-disk-keeps-earlier-json",
+        "loss",
+        "eval",
+        V(),
+        "error",
+        ("res.json", "no space left"),
+        protect=("{tmp}/res.json",),
+        setup=chain(in_tmp("res.json", '{"earlier": 1}'), full_disk("write_text", ".res.json.tmp")),
+    ),
     # ================================================================ 2 numbers, types, choices
-    *[Case(f"train/{flag.strip('-')}-{raw}", "values", "train", T() + [flag, raw], "error", (flag,) + w)
-      for flag, raw, w in [
-          ("--max_steps", "0", (">=1",)), ("--max_steps", "-1", (">=1",)), ("--max_steps", "1e3", ("int",)),
-          ("--batch_size", "0", ()), ("--batch_size", "-4", ()), ("--batch_size", "4.0", ("int",)),
-          ("--micro_batch_size", "3", ("--batch_size",)), ("--lr", "-1", ()), ("--lr", "fast", ("float",)),
-          ("--lr", "inf", ("finite",)), ("--lr", "nan", ("finite",)), ("--lr", "0", ()),
-          ("--lora_alpha", "inf", ("finite",)), ("--lora_alpha", "0", ()), ("--scale", "inf", ("finite",)),
-          ("--scale", "-1", ()), ("--grad_clip", "inf", ("finite",)), ("--weight_decay", "nan", ("finite",)),
-          ("--seed", "-1", (">=0",)), ("--lora_r", "0", ()), ("--lora_r", "2.5", ()),
-          ("--mask_probability", "1.5", ()), ("--mask_probability", "0", ()),
-          ("--attention_dropout", "1.5", ()), ("--lora_dropout", "1", ()), ("--max_seq_length", "0", ()),
-          ("--max_seq_length", "1", ()), ("--keep_checkpoints", "0", ()), ("--eval_every", "-1", ()),
-          ("--lora_targets", "", ("at least one",)), ("--lora_targets", ",", ("at least one",)),
-          ("--lora_targets", "wq", ("wq",)), ("--lora_targets", "q_proj,v_porj", ("v_porj",)),
-          ("--lora_targets", "q_proj,q_proj", ("repeated",)),
-          ("--lora_layers", "[99]", ("99",)), ("--lora_layers", "-1", ("-1",)), ("--lora_layers", "1.5", ()),
-          ("--lora_layers", "[1.5]", ("1.5",)), ("--lora_layers", "[true]", ("True",)),
-          ("--objective", "mlm", ("mlm",)), ("--pooling", "max", ()), ("--mask_token", "mask", ()),
-          ("--weights_dtype", "int8", ()), ("--weights_dtype", "float64", ()), ("--autocast", "fp8", ()),
-          ("--resume", "maybe", ()), ("--progress", "maybe", ()), ("--prompt", "no slot", ("{text}",)),
-          ("--eval_every", "1", ("--eval_file",)),
-      ]],
-    Case("train/unknown-flag", "values", "train", T() + ["--learning_rate", "1e-3"], "error",
-         ("--learning_rate",)),
-    Case("train/resume-and-overwrite", "values", "train", T() + ["--resume", "true", "--overwrite", "true"],
-         "error", ("--resume", "--overwrite")),
-    Case("train/train-file-not-given", "values", "train", T()[:4] + T()[6:], "error",
-         ("--train_file", "required"),
-         setup=lambda ctx: ctx.monkeypatch.setattr("l2v.config.DATA_DIR", ctx.tmp / "no-data")),
-    *[Case(f"train/config-{name.removesuffix('.json')}", "values", "train", T() + ["--config", "{d}/" + name],
-           "error", (name,) + w) for name, w in [
-        ("list.json", ("object",)), ("malformed.json", ("malformed JSON",)),
-        ("unknown-key.json", ("learning_rate",)), ("wrong-type.json", ("warmup_steps",)),
-        ("lr-inf.json", ("lr", "finite")), ("lr-1e400.json", ("lr", "finite")),
-        ("lr-nan.json", ("lr", "finite")),
-        ("lr-string.json", ("lr",)), ("steps-bool.json", ("max_steps",)),
-        ("batch-float.json", ("batch_size",)),
-        ("alpha-inf.json", ("lora_alpha", "finite")), ("layers-true.json", ("lora_layers", "True")),
-        ("layers-float.json", ("lora_layers", "1.0")), ("layers-int.json", ("lora_layers", "list")),
-        ("targets-empty.json", ("lora_targets",)), ("targets-blank.json", ("lora_targets",)),
-        ("init-adapter-str.json", ("init_adapter",)), ("prompt-number.json", ("prompt",)),
-        ("seed-null.json", ("seed",)), ("cfg-deep.json", ("nested",)), ("cfg-latin1.json", ("UTF",)),
-    ]],
-    Case("train/config-missing", "values", "train", T() + ["--config", "{d}/nope.json"], "error",
-         ("nope.json", "not found")),
-    Case("train/config-objective-unknown", "values", "train",
-         T()[2:] + ["--config", "{d}/objective-mlm.json"],
-         "error", ("objective-mlm.json", "objective", "mlm")),
-    Case("train/config-objective-list", "values", "train", T()[2:] + ["--config", "{d}/objective-list.json"],
-         "error", ("objective-list.json", "objective")),
-    *[Case(f"train/config-{enc}-ok", "values", "train", T() + ["--config", f"{{d}}/cfg-{enc}.json"], "ok",
-           check=run_done()) for enc in ("bom", "utf16", "utf32", "dup-key")],
-    *[Case(f"{cli}/{flag.strip('-')}-{raw or 'empty'}", "values", cli, (E if cli == "encode" else V)(
-        *(["--text", "A cat."] if cli == "encode" else []), flag, raw), "error", w) for cli, flag, raw, w in [
-        ("encode", "--max-batch-tokens", "0", ("--max-batch-tokens",)),
-        ("encode", "--max-batch-tokens", "-1", ("--max-batch-tokens",)),
-        ("encode", "--max-batch-tokens", "many", ("--max-batch-tokens",)),
-        ("encode", "--max-length", "0", ("--max-length",)),
-        ("encode", "--max-length", "-5", ("--max-length",)),
-        ("encode", "--max-length", "1e3", ("--max-length",)), ("encode", "--pooling", "max", ("--pooling",)),
-        ("encode", "--dtype", "float64", ("--dtype",)), ("encode", "--dtype", "int8", ("--dtype",)),
-        ("encode", "--autocast", "fp8", ("--autocast",)),
-        ("encode", "--chat-template", "chatgpt", ("--chat-template",)),
-        ("encode", "--prompt", "no slot", ("prompt", "{text}")),
-        ("encode", "--normalise", "", ("--normalise",)),
-        ("eval", "--tasks", "", ("--tasks",)), ("eval", "--tasks", ",,", ("--tasks",)),
-        ("eval", "--tasks", "stsb-devv", ("--tasks", "stsb-devv")),
-        ("eval", "--tasks", "stsb", ("--tasks", "stsb")),
-        ("eval", "--dtype", "float64", ("--dtype",)), ("eval", "--autocast", "yes", ("--autocast",)),
-        ("eval", "--pooling", "max", ("--pooling",)),
-        ("eval", "--chat-template", "chatgpt", ("--chat-template",)),
-        ("eval", "--max-batch-tokens", "0", ("--max-batch-tokens",)),
-        ("eval", "--max-batch-tokens", "-8", ("--max-batch-tokens",)),
-        ("eval", "--max-length", "0", ("--max-length",)),
-        ("eval", "--prompt", "no slot", ("prompt", "{text}")),
-        ("eval", "--normalise", "", ("--normalise",)),
-    ]],
-    Case("encode/pooling-bos-token-without-bos", "values", "encode",
-         E("--text", "A cat.", "--pooling", "bos_token"),
-         "error", ("bos_token", "BOS")),
-    Case("encode/chat-template-foreign", "values", "encode",
-         E("--text", "A cat.", "--chat-template", "llama3"),
-         "error", ("llama3",)),
-    Case("encode/instruction-fills-max-length", "values", "encode",
-         E("--instruction", "word " * 700, "--text", "A cat.", "--out", "{tmp}/emb.npy"), "error",
-         ("--instruction", "--max-length", "no room")),
-    Case("encode/instruction-fills-small-max-length", "values", "encode",
-         E("--max-length", "6", "--instruction", "one two three four five six seven eight", "--text", "a"),
-         "error", ("no room",)),
-    Case("encode/max-length-1", "values", "encode", E("--text", "A cat sits.", "--max-length", "1", "--out",
-                                                       "{tmp}/emb.npy"), "ok", check=npy(rows=1)),
-    Case("eval/sts-instruction-fills-max-length", "values", "eval",
-         V("--max-length", "8", "--sts-instruction", "word " * 20), "error",
-         ("--sts-instruction", "no room")),
+    *[
+        Case(f"train/{flag.strip('-')}-{raw}", "values", "train", T() + [flag, raw], "error", (flag,) + w)
+        for flag, raw, w in [
+            ("--max_steps", "0", (">=1",)),
+            ("--max_steps", "-1", (">=1",)),
+            ("--max_steps", "1e3", ("int",)),
+            ("--batch_size", "0", ()),
+            ("--batch_size", "-4", ()),
+            ("--batch_size", "4.0", ("int",)),
+            ("--micro_batch_size", "3", ("--batch_size",)),
+            ("--lr", "-1", ()),
+            ("--lr", "fast", ("float",)),
+            ("--lr", "inf", ("finite",)),
+            ("--lr", "nan", ("finite",)),
+            ("--lr", "0", ()),
+            ("--lora_alpha", "inf", ("finite",)),
+            ("--lora_alpha", "0", ()),
+            ("--scale", "inf", ("finite",)),
+            ("--scale", "-1", ()),
+            ("--grad_clip", "inf", ("finite",)),
+            ("--weight_decay", "nan", ("finite",)),
+            ("--seed", "-1", (">=0",)),
+            ("--lora_r", "0", ()),
+            ("--lora_r", "2.5", ()),
+            ("--mask_probability", "1.5", ()),
+            ("--mask_probability", "0", ()),
+            ("--attention_dropout", "1.5", ()),
+            ("--lora_dropout", "1", ()),
+            ("--max_seq_length", "0", ()),
+            ("--max_seq_length", "1", ()),
+            ("--keep_checkpoints", "0", ()),
+            ("--eval_every", "-1", ()),
+            ("--lora_targets", "", ("at least one",)),
+            ("--lora_targets", ",", ("at least one",)),
+            ("--lora_targets", "wq", ("wq",)),
+            ("--lora_targets", "q_proj,v_porj", ("v_porj",)),
+            ("--lora_targets", "q_proj,q_proj", ("repeated",)),
+            ("--lora_layers", "[99]", ("99",)),
+            ("--lora_layers", "-1", ("-1",)),
+            ("--lora_layers", "1.5", ()),
+            ("--lora_layers", "[1.5]", ("1.5",)),
+            ("--lora_layers", "[true]", ("True",)),
+            ("--objective", "mlm", ("mlm",)),
+            ("--pooling", "max", ()),
+            ("--mask_token", "mask", ()),
+            ("--weights_dtype", "int8", ()),
+            ("--weights_dtype", "float64", ()),
+            ("--autocast", "fp8", ()),
+            ("--resume", "maybe", ()),
+            ("--progress", "maybe", ()),
+            ("--prompt", "no slot", ("{text}",)),
+            ("--eval_every", "1", ("--eval_file",)),
+        ]
+    ],
+    Case(
+        "train/unknown-flag",
+        "values",
+        "train",
+        T() + ["--learning_rate", "1e-3"],
+        "error",
+        ("--learning_rate",),
+    ),
+    Case(
+        "train/resume-and-overwrite",
+        "values",
+        "train",
+        T() + ["--resume", "true", "--overwrite", "true"],
+        "error",
+        ("--resume", "--overwrite"),
+    ),
+    Case(
+        "train/train-file-not-given",
+        "values",
+        "train",
+        T()[:4] + T()[6:],
+        "error",
+        ("--train_file", "required"),
+        setup=lambda ctx: ctx.monkeypatch.setattr("l2v.config.DATA_DIR", ctx.tmp / "no-data"),
+    ),
+    *[
+        Case(
+            f"train/config-{name.removesuffix('.json')}",
+            "values",
+            "train",
+            T() + ["--config", "{d}/" + name],
+            "error",
+            (name,) + w,
+        )
+        for name, w in [
+            ("list.json", ("object",)),
+            ("malformed.json", ("malformed JSON",)),
+            ("unknown-key.json", ("learning_rate",)),
+            ("wrong-type.json", ("warmup_steps",)),
+            ("lr-inf.json", ("lr", "finite")),
+            ("lr-1e400.json", ("lr", "finite")),
+            ("lr-nan.json", ("lr", "finite")),
+            ("lr-string.json", ("lr",)),
+            ("steps-bool.json", ("max_steps",)),
+            ("batch-float.json", ("batch_size",)),
+            ("alpha-inf.json", ("lora_alpha", "finite")),
+            ("layers-true.json", ("lora_layers", "True")),
+            ("layers-float.json", ("lora_layers", "1.0")),
+            ("layers-int.json", ("lora_layers", "list")),
+            ("targets-empty.json", ("lora_targets",)),
+            ("targets-blank.json", ("lora_targets",)),
+            ("init-adapter-str.json", ("init_adapter",)),
+            ("prompt-number.json", ("prompt",)),
+            ("seed-null.json", ("seed",)),
+            ("cfg-deep.json", ("nested",)),
+            ("cfg-latin1.json", ("UTF",)),
+        ]
+    ],
+    Case(
+        "train/config-missing",
+        "values",
+        "train",
+        T() + ["--config", "{d}/nope.json"],
+        "error",
+        ("nope.json", "not found"),
+    ),
+    Case(
+        "train/config-objective-unknown",
+        "values",
+        "train",
+        T()[2:] + ["--config", "{d}/objective-mlm.json"],
+        "error",
+        ("objective-mlm.json", "objective", "mlm"),
+    ),
+    Case(
+        "train/config-objective-list",
+        "values",
+        "train",
+        T()[2:] + ["--config", "{d}/objective-list.json"],
+        "error",
+        ("objective-list.json", "objective"),
+    ),
+    *[
+        Case(
+            f"train/config-{enc}-ok",
+            "values",
+            "train",
+            T() + ["--config", f"{{d}}/cfg-{enc}.json"],
+            "ok",
+            check=run_done(),
+        )
+        for enc in ("bom", "utf16", "utf32", "dup-key")
+    ],
+    *[
+        Case(
+            f"{cli}/{flag.strip('-')}-{raw or 'empty'}",
+            "values",
+            cli,
+            (E if cli == "encode" else V)(*(["--text", "A cat."] if cli == "encode" else []), flag, raw),
+            "error",
+            w,
+        )
+        for cli, flag, raw, w in [
+            ("encode", "--max-batch-tokens", "0", ("--max-batch-tokens",)),
+            ("encode", "--max-batch-tokens", "-1", ("--max-batch-tokens",)),
+            ("encode", "--max-batch-tokens", "many", ("--max-batch-tokens",)),
+            ("encode", "--max-length", "0", ("--max-length",)),
+            ("encode", "--max-length", "-5", ("--max-length",)),
+            ("encode", "--max-length", "1e3", ("--max-length",)),
+            ("encode", "--pooling", "max", ("--pooling",)),
+            ("encode", "--dtype", "float64", ("--dtype",)),
+            ("encode", "--dtype", "int8", ("--dtype",)),
+            ("encode", "--autocast", "fp8", ("--autocast",)),
+            ("encode", "--chat-template", "chatgpt", ("--chat-template",)),
+            ("encode", "--prompt", "no slot", ("prompt", "{text}")),
+            ("encode", "--normalise", "", ("--normalise",)),
+            ("eval", "--tasks", "", ("--tasks",)),
+            ("eval", "--tasks", ",,", ("--tasks",)),
+            ("eval", "--tasks", "stsb-devv", ("--tasks", "stsb-devv")),
+            ("eval", "--tasks", "stsb", ("--tasks", "stsb")),
+            ("eval", "--dtype", "float64", ("--dtype",)),
+            ("eval", "--autocast", "yes", ("--autocast",)),
+            ("eval", "--pooling", "max", ("--pooling",)),
+            ("eval", "--chat-template", "chatgpt", ("--chat-template",)),
+            ("eval", "--max-batch-tokens", "0", ("--max-batch-tokens",)),
+            ("eval", "--max-batch-tokens", "-8", ("--max-batch-tokens",)),
+            ("eval", "--max-length", "0", ("--max-length",)),
+            ("eval", "--prompt", "no slot", ("prompt", "{text}")),
+            ("eval", "--normalise", "", ("--normalise",)),
+        ]
+    ],
+    Case(
+        "encode/pooling-bos-token-without-bos",
+        "values",
+        "encode",
+        E("--text", "A cat.", "--pooling", "bos_token"),
+        "error",
+        ("bos_token", "BOS"),
+    ),
+    Case(
+        "encode/chat-template-foreign",
+        "values",
+        "encode",
+        E("--text", "A cat.", "--chat-template", "llama3"),
+        "error",
+        ("llama3",),
+    ),
+    Case(
+        "encode/instruction-fills-max-length",
+        "values",
+        "encode",
+        E("--instruction", "word " * 700, "--text", "A cat.", "--out", "{tmp}/emb.npy"),
+        "error",
+        ("--instruction", "--max-length", "no room"),
+    ),
+    Case(
+        "encode/instruction-fills-small-max-length",
+        "values",
+        "encode",
+        E("--max-length", "6", "--instruction", "one two three four five six seven eight", "--text", "a"),
+        "error",
+        ("no room",),
+    ),
+    Case(
+        "encode/max-length-1",
+        "values",
+        "encode",
+        E("--text", "A cat sits.", "--max-length", "1", "--out", "{tmp}/emb.npy"),
+        "ok",
+        check=npy(rows=1),
+    ),
+    Case(
+        "eval/sts-instruction-fills-max-length",
+        "values",
+        "eval",
+        V("--max-length", "8", "--sts-instruction", "word " * 20),
+        "error",
+        ("--sts-instruction", "no room"),
+    ),
     # ================================================================ 3 model folders
-    *[Case(f"{cli}/model-{name}", "model", cli, args, "error", words) for name, words in [
-        ("list-config", ("config.json", "object")), ("config-malformed", ("config.json", "malformed JSON")),
-        ("config-missing-key", ("config.json", "hidden_size")), ("type-gpt2", ("config.json", "gpt2")),
-        ("type-list", ("config.json", "model_type")),
-        ("gemma-relu", ("config.json", "unsupported hidden_activation 'relu'")),
-        ("no-tokenizer", ("tokenizer.json",)), ("tokenizer-garbage", ("tokenizer.json",)),
-        ("no-weights", ("model.safetensors",)), ("truncated", ("model.safetensors",)),
-        ("weights-empty", ("model.safetensors",)), ("pickle-only", ("pickle",)),
-        ("empty-folder", ("config.json",)),
-        ("hidden-size-0", ("config.json", "hidden_size")),
-        ("hidden-size-str", ("config.json", "hidden_size")),
-        ("hidden-size-float", ("config.json", "hidden_size")),
-        ("layers-bool", ("config.json", "num_hidden_layers")),
-        ("heads-0", ("config.json", "num_attention_heads")),
-        ("kv-heads-3", ("config.json", "num_key_value_heads")),
-        ("vocab-negative", ("config.json", "vocab_size")),
-        ("intermediate-null", ("config.json", "intermediate_size")),
-        ("head-dim-odd", ("config.json", "head_dim")), ("eps-string", ("config.json", "rms_norm_eps")),
-        ("eps-0", ("config.json", "rms_norm_eps")), ("eps-inf", ("config.json", "rms_norm_eps")),
-        ("theta-string", ("config.json", "rope_theta")), ("theta-0", ("config.json", "rope_theta")),
-        ("theta-negative", ("config.json", "rope_theta")),
-        ("llama3-missing-keys", ("config.json", "rope_scaling", "low_freq_factor")),
-        ("llama3-low-above-high", ("config.json", "rope_scaling", "low_freq_factor")),
-        ("linear-no-factor", ("config.json", "rope_scaling", "factor")),
-        ("linear-factor-0", ("config.json", "rope_scaling", "factor")),
-        ("rope-scaling-string", ("config.json", "rope_scaling")),
-        ("rope-dynamic", ("config.json", "dynamic")),
-        ("max-positions-0", ("config.json", "max_position_embeddings")),
-        ("window-float", ("config.json", "sliding_window")), ("window-0", ("config.json", "sliding_window")),
-        ("tie-string", ("config.json", "tie_word_embeddings")),
-        ("bias-string", ("config.json", "attention_bias")),
-        ("attention-dropout-string", ("config.json", "attention_dropout")),
-        ("attention-dropout-1", ("config.json", "attention_dropout")),
-        ("int-weights", ("model.safetensors", "model.norm.weight", "int32")),
-        ("special-map-list", ("special_tokens_map.json", "object")),
-        ("special-map-int", ("special_tokens_map.json", "bos_token")),
-        ("special-map-content-list", ("special_tokens_map.json", "eos_token")),
-        ("tokenizer-config-int", ("tokenizer_config.json", "pad_token")),
-        ("config-latin1", ("config.json", "UTF")), ("config-deep", ("config.json", "nested")),
-        ("index-bad-value", ("model.safetensors.index.json", "model.norm.weight")),
-    ] for cli, args in [("encode", E("--text", "A cat.", model=f"{{m}}/{name}")),
-                        ("train", T() + ["--model", f"{{m}}/{name}"])]
-      if cli == "encode" or name in ("hidden-size-0", "heads-0", "eps-string", "theta-string", "int-weights",
-                                     "special-map-list", "llama3-missing-keys", "list-config", "gemma-relu",
-                                     "no-tokenizer", "truncated")],
-    Case("eval/model-kv-heads-3", "model", "eval", V() + ["--model", "{m}/kv-heads-3"], "error",
-         ("config.json", "num_key_value_heads")),
-    Case("encode/model-tokenizer-larger-than-vocab", "model", "encode",
-         E("--text", "A cat.", model="{m}/vocab-1000"),
-         "error", ("tokenizer.json", "vocab_size")),
-    Case("train/model-tokenizer-larger-than-vocab", "model", "train", T() + ["--model", "{m}/vocab-1000"],
-         "error", ("tokenizer.json", "vocab_size")),
-    Case("encode/model-missing", "model", "encode", E("--text", "A cat.", model="{d}/nomodel"), "error",
-         ("nomodel", "config.json")),
-    Case("encode/model-is-file", "model", "encode", E("--text", "A cat.", model="{d}/file"), "error",
-         ("file", "config.json")),
+    *[
+        Case(f"{cli}/model-{name}", "model", cli, args, "error", words)
+        for name, words in [
+            ("list-config", ("config.json", "object")),
+            ("config-malformed", ("config.json", "malformed JSON")),
+            ("config-missing-key", ("config.json", "hidden_size")),
+            ("type-gpt2", ("config.json", "gpt2")),
+            ("type-list", ("config.json", "model_type")),
+            ("gemma-relu", ("config.json", "unsupported hidden_activation 'relu'")),
+            ("no-tokenizer", ("tokenizer.json",)),
+            ("tokenizer-garbage", ("tokenizer.json",)),
+            ("no-weights", ("model.safetensors",)),
+            ("truncated", ("model.safetensors",)),
+            ("weights-empty", ("model.safetensors",)),
+            ("pickle-only", ("pickle",)),
+            ("empty-folder", ("config.json",)),
+            ("hidden-size-0", ("config.json", "hidden_size")),
+            ("hidden-size-str", ("config.json", "hidden_size")),
+            ("hidden-size-float", ("config.json", "hidden_size")),
+            ("layers-bool", ("config.json", "num_hidden_layers")),
+            ("heads-0", ("config.json", "num_attention_heads")),
+            ("kv-heads-3", ("config.json", "num_key_value_heads")),
+            ("vocab-negative", ("config.json", "vocab_size")),
+            ("intermediate-null", ("config.json", "intermediate_size")),
+            ("head-dim-odd", ("config.json", "head_dim")),
+            ("eps-string", ("config.json", "rms_norm_eps")),
+            ("eps-0", ("config.json", "rms_norm_eps")),
+            ("eps-inf", ("config.json", "rms_norm_eps")),
+            ("theta-string", ("config.json", "rope_theta")),
+            ("theta-0", ("config.json", "rope_theta")),
+            ("theta-negative", ("config.json", "rope_theta")),
+            ("llama3-missing-keys", ("config.json", "rope_scaling", "low_freq_factor")),
+            ("llama3-low-above-high", ("config.json", "rope_scaling", "low_freq_factor")),
+            ("linear-no-factor", ("config.json", "rope_scaling", "factor")),
+            ("linear-factor-0", ("config.json", "rope_scaling", "factor")),
+            ("rope-scaling-string", ("config.json", "rope_scaling")),
+            ("rope-dynamic", ("config.json", "dynamic")),
+            ("max-positions-0", ("config.json", "max_position_embeddings")),
+            ("window-float", ("config.json", "sliding_window")),
+            ("window-0", ("config.json", "sliding_window")),
+            ("tie-string", ("config.json", "tie_word_embeddings")),
+            ("bias-string", ("config.json", "attention_bias")),
+            ("attention-dropout-string", ("config.json", "attention_dropout")),
+            ("attention-dropout-1", ("config.json", "attention_dropout")),
+            ("int-weights", ("model.safetensors", "model.norm.weight", "int32")),
+            ("special-map-list", ("special_tokens_map.json", "object")),
+            ("special-map-int", ("special_tokens_map.json", "bos_token")),
+            ("special-map-content-list", ("special_tokens_map.json", "eos_token")),
+            ("tokenizer-config-int", ("tokenizer_config.json", "pad_token")),
+            ("config-latin1", ("config.json", "UTF")),
+            ("config-deep", ("config.json", "nested")),
+            ("index-bad-value", ("model.safetensors.index.json", "model.norm.weight")),
+        ]
+        for cli, args in [
+            ("encode", E("--text", "A cat.", model=f"{{m}}/{name}")),
+            ("train", T() + ["--model", f"{{m}}/{name}"]),
+        ]
+        if cli == "encode"
+        or name
+        in (
+            "hidden-size-0",
+            "heads-0",
+            "eps-string",
+            "theta-string",
+            "int-weights",
+            "special-map-list",
+            "llama3-missing-keys",
+            "list-config",
+            "gemma-relu",
+            "no-tokenizer",
+            "truncated",
+        )
+    ],
+    Case(
+        "eval/model-kv-heads-3",
+        "model",
+        "eval",
+        V() + ["--model", "{m}/kv-heads-3"],
+        "error",
+        ("config.json", "num_key_value_heads"),
+    ),
+    Case(
+        "encode/model-tokenizer-larger-than-vocab",
+        "model",
+        "encode",
+        E("--text", "A cat.", model="{m}/vocab-1000"),
+        "error",
+        ("tokenizer.json", "vocab_size"),
+    ),
+    Case(
+        "train/model-tokenizer-larger-than-vocab",
+        "model",
+        "train",
+        T() + ["--model", "{m}/vocab-1000"],
+        "error",
+        ("tokenizer.json", "vocab_size"),
+    ),
+    Case(
+        "encode/model-missing",
+        "model",
+        "encode",
+        E("--text", "A cat.", model="{d}/nomodel"),
+        "error",
+        ("nomodel", "config.json"),
+    ),
+    Case(
+        "encode/model-is-file",
+        "model",
+        "encode",
+        E("--text", "A cat.", model="{d}/file"),
+        "error",
+        ("file", "config.json"),
+    ),
     Case("train/model-missing", "model", "train", T() + ["--model", "{d}/nomodel"], "error", ("nomodel",)),
-    Case("eval/model-missing", "model", "eval", V("--model", "{d}/nomodel"), "error",
-         ("nomodel", "config.json")),
-    *[Case(f"encode/model-{name}-ok", "model", "encode",
-           E("--text", "A cat.", "--text", "A dog.", "--out", "{tmp}/emb.npy", model=f"{{m}}/{name}"), "ok",
-           check=same_as_good) for name in ("config-utf16", "config-utf8-bom", "tokenizer-utf8-bom")],
+    Case(
+        "eval/model-missing",
+        "model",
+        "eval",
+        V("--model", "{d}/nomodel"),
+        "error",
+        ("nomodel", "config.json"),
+    ),
+    *[
+        Case(
+            f"encode/model-{name}-ok",
+            "model",
+            "encode",
+            E("--text", "A cat.", "--text", "A dog.", "--out", "{tmp}/emb.npy", model=f"{{m}}/{name}"),
+            "ok",
+            check=same_as_good,
+        )
+        for name in ("config-utf16", "config-utf8-bom", "tokenizer-utf8-bom")
+    ],
     # ================================================================ 3 adapter folders
-    *[Case(f"{cli}/adapter-{name}", "adapter", cli, args, "error", words) for name, words in [
-        ("truncated", ("adapter_model.safetensors",)), ("nan", ("adapter_model.safetensors", "NaN")),
-        ("no-weights", ("adapter_model.safetensors",)), ("config-malformed", ("adapter_config.json",)),
-        ("config-list", ("adapter_config.json",)), ("dora", ("adapter_config.json", "use_dora")),
-        ("target-wq", ("adapter_config.json", "wq")), ("target-c-attn", ("adapter_config.json", "c_attn")),
-        ("pattern-blocks", ("adapter_config.json", "layers_pattern")),
-        ("layers-0", ("adapter_model.safetensors", "layers_to_transform")),
-        ("rank-8", ("adapter_model.safetensors", "r=8")), ("not-lora", ("adapter_config.json", "IA3")),
-        ("foreign-keys", ("adapter_model.safetensors", "blocks")), ("r-0", ("adapter_config.json", "'r'")),
-        ("r-float", ("adapter_config.json", "'r'")), ("r-bool", ("adapter_config.json", "'r'")),
-        ("alpha-inf", ("adapter_config.json", "lora_alpha")),
-        ("alpha-negative", ("adapter_config.json", "lora_alpha")),
-        ("dropout-string", ("adapter_config.json", "lora_dropout")),
-        ("rank-pattern-list", ("adapter_config.json", "rank_pattern")),
-        ("rslora-string", ("adapter_config.json", "use_rslora")),
-    ] for cli, args in [("encode", E("--text", "A cat.", "--adapter", f"{{a}}/{name}")),
-                        ("train", T() + ["--init_adapter", f"{{a}}/{name}"]),
-                        ("eval", V("--adapter", f"{{a}}/{name}"))]
-      if cli == "encode" or name in ("truncated", "nan", "layers-0", "r-0", "alpha-inf")],
-    Case("encode/adapter-missing", "adapter", "encode", E("--text", "A cat.", "--adapter", "{d}/nope"),
-         "error",
-         ("nope", "adapter_config.json")),
-    Case("encode/adapter-is-file", "adapter", "encode", E("--text", "A cat.", "--adapter", "{d}/file"),
-         "error",
-         ("file", "adapter_config.json")),
-    Case("train/init-adapter-missing", "adapter", "train", T() + ["--init_adapter", "{d}/nope"], "error",
-         ("nope",)),
+    *[
+        Case(f"{cli}/adapter-{name}", "adapter", cli, args, "error", words)
+        for name, words in [
+            ("truncated", ("adapter_model.safetensors",)),
+            ("nan", ("adapter_model.safetensors", "NaN")),
+            ("no-weights", ("adapter_model.safetensors",)),
+            ("config-malformed", ("adapter_config.json",)),
+            ("config-list", ("adapter_config.json",)),
+            ("dora", ("adapter_config.json", "use_dora")),
+            ("target-wq", ("adapter_config.json", "wq")),
+            ("target-c-attn", ("adapter_config.json", "c_attn")),
+            ("pattern-blocks", ("adapter_config.json", "layers_pattern")),
+            ("layers-0", ("adapter_model.safetensors", "layers_to_transform")),
+            ("rank-8", ("adapter_model.safetensors", "r=8")),
+            ("not-lora", ("adapter_config.json", "IA3")),
+            ("foreign-keys", ("adapter_model.safetensors", "blocks")),
+            ("r-0", ("adapter_config.json", "'r'")),
+            ("r-float", ("adapter_config.json", "'r'")),
+            ("r-bool", ("adapter_config.json", "'r'")),
+            ("alpha-inf", ("adapter_config.json", "lora_alpha")),
+            ("alpha-negative", ("adapter_config.json", "lora_alpha")),
+            ("dropout-string", ("adapter_config.json", "lora_dropout")),
+            ("rank-pattern-list", ("adapter_config.json", "rank_pattern")),
+            ("rslora-string", ("adapter_config.json", "use_rslora")),
+        ]
+        for cli, args in [
+            ("encode", E("--text", "A cat.", "--adapter", f"{{a}}/{name}")),
+            ("train", T() + ["--init_adapter", f"{{a}}/{name}"]),
+            ("eval", V("--adapter", f"{{a}}/{name}")),
+        ]
+        if cli == "encode" or name in ("truncated", "nan", "layers-0", "r-0", "alpha-inf")
+    ],
+    Case(
+        "encode/adapter-missing",
+        "adapter",
+        "encode",
+        E("--text", "A cat.", "--adapter", "{d}/nope"),
+        "error",
+        ("nope", "adapter_config.json"),
+    ),
+    Case(
+        "encode/adapter-is-file",
+        "adapter",
+        "encode",
+        E("--text", "A cat.", "--adapter", "{d}/file"),
+        "error",
+        ("file", "adapter_config.json"),
+    ),
+    Case(
+        "train/init-adapter-missing",
+        "adapter",
+        "train",
+        T() + ["--init_adapter", "{d}/nope"],
+        "error",
+        ("nope",),
+    ),
     Case("eval/adapter-missing", "adapter", "eval", V("--adapter", "{d}/nope"), "error", ("nope",)),
-    Case("encode/adapter-ok", "adapter", "encode",
-         E("--adapter", "{a}/good", "--text", "A cat.", "--text", "A dog.", "--out", "{tmp}/emb.npy"), "ok",
-         check=npy(rows=2, distinct=True)),
-    Case("encode/adapter-config-utf16-ok", "adapter", "encode",
-         E("--adapter", "{a}/config-utf16", "--text", "A cat.", "--out", "{tmp}/emb.npy"), "ok",
-         check=npy(rows=1)),
+    Case(
+        "encode/adapter-ok",
+        "adapter",
+        "encode",
+        E("--adapter", "{a}/good", "--text", "A cat.", "--text", "A dog.", "--out", "{tmp}/emb.npy"),
+        "ok",
+        check=npy(rows=2, distinct=True),
+    ),
+    Case(
+        "encode/adapter-config-utf16-ok",
+        "adapter",
+        "encode",
+        E("--adapter", "{a}/config-utf16", "--text", "A cat.", "--out", "{tmp}/emb.npy"),
+        "ok",
+        check=npy(rows=1),
+    ),
     # ================================================================ 4 input text and training data
     Case("encode/text-empty", "text", "encode", E("--text", ""), "error", ("--text #1", "empty")),
     Case("encode/text-spaces", "text", "encode", E("--text", "   "), "error", ("--text #1", "empty")),
     Case("encode/text-tab-newline", "text", "encode", E("--text", "\t\n "), "error", ("--text #1", "empty")),
-    Case("encode/text-one-blank-among-good", "text", "encode", E("--text", "ok", "--text", ""), "error",
-         ("--text #2", "empty")),
-    Case("encode/text-lone-surrogate", "text", "encode", E("--text", "ok", "--text", "caf\udce9"), "error",
-         ("--text #2", "Unicode")),
-    Case("encode/instruction-lone-surrogate", "text", "encode",
-         E("--text", "ok", "--instruction", "\ud800 x"),
-         "error", ("--instruction", "Unicode")),
-    Case("encode/prompt-lone-surrogate", "text", "encode", E("--text", "ok", "--prompt", "\ud800 {text}"),
-         "error", ("prompt", "Unicode")),
-    Case("encode/text-very-long", "text", "encode", E("--text", "word " * 6000, "--out", "{tmp}/emb.npy"),
-         "ok",
-         check=npy(rows=1)),
-    Case("encode/text-unicode", "text", "encode",
-         E("--text", "Café ☕ 日本語のテキスト 🙂", "--text", "naïve façade", "--out", "{tmp}/emb.npy"), "ok",
-         check=npy(rows=2, distinct=True)),
-    Case("encode/text-emoji-only", "text", "encode", E("--text", "🙂🙂", "--out", "{tmp}/emb.npy"), "ok",
-         check=npy(rows=1)),
+    Case(
+        "encode/text-one-blank-among-good",
+        "text",
+        "encode",
+        E("--text", "ok", "--text", ""),
+        "error",
+        ("--text #2", "empty"),
+    ),
+    Case(
+        "encode/text-lone-surrogate",
+        "text",
+        "encode",
+        E("--text", "ok", "--text", "caf\udce9"),
+        "error",
+        ("--text #2", "Unicode"),
+    ),
+    Case(
+        "encode/instruction-lone-surrogate",
+        "text",
+        "encode",
+        E("--text", "ok", "--instruction", "\ud800 x"),
+        "error",
+        ("--instruction", "Unicode"),
+    ),
+    Case(
+        "encode/prompt-lone-surrogate",
+        "text",
+        "encode",
+        E("--text", "ok", "--prompt", "\ud800 {text}"),
+        "error",
+        ("prompt", "Unicode"),
+    ),
+    Case(
+        "encode/text-very-long",
+        "text",
+        "encode",
+        E("--text", "word " * 6000, "--out", "{tmp}/emb.npy"),
+        "ok",
+        check=npy(rows=1),
+    ),
+    Case(
+        "encode/text-unicode",
+        "text",
+        "encode",
+        E("--text", "Café ☕ 日本語のテキスト 🙂", "--text", "naïve façade", "--out", "{tmp}/emb.npy"),
+        "ok",
+        check=npy(rows=2, distinct=True),
+    ),
+    Case(
+        "encode/text-emoji-only",
+        "text",
+        "encode",
+        E("--text", "🙂🙂", "--out", "{tmp}/emb.npy"),
+        "ok",
+        check=npy(rows=1),
+    ),
     Case("encode/17-texts-no-out", "text", "encode", E(*texts(17)), "error", ("--out",)),
-    Case("encode/dtype-bfloat16-ok", "text", "encode",
-         E("--text", "A cat.", "--text", "A dog.", "--dtype", "bfloat16", "--out", "{tmp}/emb.npy"), "ok",
-         check=npy(rows=2, distinct=True)),
-    Case("encode/normalize-ok", "text", "encode",
-         E("--text", "A cat.", "--text", "A dog.", "--normalize", "--out",
-                                                    "{tmp}/emb.npy"), "ok", check=npy(rows=2, unit=True)),
-    *[Case(f"encode/file-{name.replace('.', '-')}", "text", "encode",
-           E("--file", "{d}/" + name, "--out", "{tmp}/emb.npy"), "error", (name,) + w) for name, w in [
-        ("nope.txt", ("not found",)), ("folder", ()), ("empty.txt", ("no texts",)),
-        ("blank.txt", ("no texts",)),
-        ("latin1.txt", (":1", "UTF-8")), ("latin1.jsonl", (":1", "UTF-8")), ("utf16.txt", (":1", "UTF-8")),
-        ("surrogate-utf8.txt", (":1", "UTF-8")), ("bad.jsonl", (":2", "malformed JSON")),
-        ("notext.jsonl", (":1", "text")), ("blanktext.jsonl", (":2", "empty")), ("num.jsonl", (":1", "text")),
-        ("inst-list.jsonl", (":1", "instruction")), ("list-record.jsonl", (":1", "object")),
-        ("surrogate.jsonl", (":2", "Unicode")), ("surrogate-inst.jsonl", (":1", "instruction", "Unicode")),
-        ("deep.jsonl", (":2", "nested")), ("nan-text.jsonl", (":1", "text")), ("x.csv", ("--file",)),
-    ]],
-    Case("encode/file-line-over-limit", "text", "encode",
-         E("--file", "{d}/long-line.txt", "--out", "{tmp}/emb.npy"),
-         "error", ("long-line.txt:2", "MiB"), setup=lower_line_limit),
+    Case(
+        "encode/dtype-bfloat16-ok",
+        "text",
+        "encode",
+        E("--text", "A cat.", "--text", "A dog.", "--dtype", "bfloat16", "--out", "{tmp}/emb.npy"),
+        "ok",
+        check=npy(rows=2, distinct=True),
+    ),
+    Case(
+        "encode/normalize-ok",
+        "text",
+        "encode",
+        E("--text", "A cat.", "--text", "A dog.", "--normalize", "--out", "{tmp}/emb.npy"),
+        "ok",
+        check=npy(rows=2, unit=True),
+    ),
+    *[
+        Case(
+            f"encode/file-{name.replace('.', '-')}",
+            "text",
+            "encode",
+            E("--file", "{d}/" + name, "--out", "{tmp}/emb.npy"),
+            "error",
+            (name,) + w,
+        )
+        for name, w in [
+            ("nope.txt", ("not found",)),
+            ("folder", ()),
+            ("empty.txt", ("no texts",)),
+            ("blank.txt", ("no texts",)),
+            ("latin1.txt", (":1", "UTF-8")),
+            ("latin1.jsonl", (":1", "UTF-8")),
+            ("utf16.txt", (":1", "UTF-8")),
+            ("surrogate-utf8.txt", (":1", "UTF-8")),
+            ("bad.jsonl", (":2", "malformed JSON")),
+            ("notext.jsonl", (":1", "text")),
+            ("blanktext.jsonl", (":2", "empty")),
+            ("num.jsonl", (":1", "text")),
+            ("inst-list.jsonl", (":1", "instruction")),
+            ("list-record.jsonl", (":1", "object")),
+            ("surrogate.jsonl", (":2", "Unicode")),
+            ("surrogate-inst.jsonl", (":1", "instruction", "Unicode")),
+            ("deep.jsonl", (":2", "nested")),
+            ("nan-text.jsonl", (":1", "text")),
+            ("x.csv", ("--file",)),
+        ]
+    ],
+    Case(
+        "encode/file-line-over-limit",
+        "text",
+        "encode",
+        E("--file", "{d}/long-line.txt", "--out", "{tmp}/emb.npy"),
+        "error",
+        ("long-line.txt:2", "MiB"),
+        setup=lower_line_limit,
+    ),
     Case("encode/file-20-lines-no-out", "text", "encode", E("--file", "{d}/many.txt"), "error", ("--out",)),
-    Case("encode/file-utf8-bom", "text", "encode", E("--file", "{d}/bom.txt", "--out", "{tmp}/emb.npy"), "ok",
-         check=npy(rows=2, equal=(0, 1))),
-    Case("encode/file-crlf", "text", "encode", E("--file", "{d}/crlf.txt", "--out", "{tmp}/emb.npy"), "ok",
-         check=npy(rows=2, distinct=True)),
-    Case("encode/file-bare-cr", "text", "encode", E("--file", "{d}/cr.txt", "--out", "{tmp}/emb.npy"), "ok",
-         check=npy(rows=3, distinct=True)),
-    Case("encode/file-mixed-line-endings", "text", "encode",
-         E("--file", "{d}/mixed-endings.txt", "--out", "{tmp}/emb.npy"), "ok",
-         check=npy(rows=4, distinct=True)),
-    Case("encode/file-jsonl-ok", "text", "encode", E("--file", "{d}/ok.jsonl", "--out", "{tmp}/emb.npy"),
-         "ok",
-         check=npy(rows=20)),
-    *[Case(f"train/train-file-{name.replace('.', '-')}", "text", "train",
-           T(objective=obj, train_file="{d}/" + name),
-           "error", (name,) + w) for obj, name, w in [
-        ("mntp", "nope.txt", ("not found",)), ("mntp", "folder", ()), ("mntp", "empty.txt", ("no texts",)),
-        ("mntp", "latin1.txt", (":1", "UTF-8")), ("mntp", "x.csv", ("file type",)),
-        ("mntp", "surrogate.jsonl", (":2", "Unicode")), ("mntp", "deep.json", ("nested",)),
-        ("mntp", "tiny.txt", ("--max_seq_length",)), ("supervised", "triples.csv", ("file type",)),
-        ("supervised", "missing-field.jsonl", (":1", "negative")),
-        ("supervised", "one-triple.jsonl", ("--batch_size",)),
-        ("supervised", "dataset-list.jsonl", (":1", "dataset")),
-        ("supervised", "dataset-number.jsonl", (":1", "dataset")),
-        ("supervised", "long-instruction.jsonl", ("instruction", "no room", "--max_seq_length")),
-        ("cosent", "pairs-bad-score.jsonl", (":9", "score", "'high'")),
-        ("cosent", "pairs.txt", (":1", "sentence1")),
-        ("cosent", "pairs-bool-score.jsonl", (":1", "score")),
-    ]],
-    Case("train/train-file-line-over-limit", "text", "train", T(train_file="{d}/long-line.txt"), "error",
-         ("long-line.txt:2", "MiB"), setup=lower_line_limit),
-    Case("train/simcse-instruction-fills-max-length", "text", "train",
-         T(objective="simcse") + ["--instruction", "word " * 60], "error",
-         ("--instruction", "--max_seq_length")),
-    Case("train/train-file-bare-cr-ok", "text", "train",
-         T(train_file="{d}/cr.txt") + ["--max_seq_length", "4",
-                                                                                       "--batch_size", "2"],
-         "ok", check=run_done()),
+    Case(
+        "encode/file-utf8-bom",
+        "text",
+        "encode",
+        E("--file", "{d}/bom.txt", "--out", "{tmp}/emb.npy"),
+        "ok",
+        check=npy(rows=2, equal=(0, 1)),
+    ),
+    Case(
+        "encode/file-crlf",
+        "text",
+        "encode",
+        E("--file", "{d}/crlf.txt", "--out", "{tmp}/emb.npy"),
+        "ok",
+        check=npy(rows=2, distinct=True),
+    ),
+    Case(
+        "encode/file-bare-cr",
+        "text",
+        "encode",
+        E("--file", "{d}/cr.txt", "--out", "{tmp}/emb.npy"),
+        "ok",
+        check=npy(rows=3, distinct=True),
+    ),
+    Case(
+        "encode/file-mixed-line-endings",
+        "text",
+        "encode",
+        E("--file", "{d}/mixed-endings.txt", "--out", "{tmp}/emb.npy"),
+        "ok",
+        check=npy(rows=4, distinct=True),
+    ),
+    Case(
+        "encode/file-jsonl-ok",
+        "text",
+        "encode",
+        E("--file", "{d}/ok.jsonl", "--out", "{tmp}/emb.npy"),
+        "ok",
+        check=npy(rows=20),
+    ),
+    *[
+        Case(
+            f"train/train-file-{name.replace('.', '-')}",
+            "text",
+            "train",
+            T(objective=obj, train_file="{d}/" + name),
+            "error",
+            (name,) + w,
+        )
+        for obj, name, w in [
+            ("mntp", "nope.txt", ("not found",)),
+            ("mntp", "folder", ()),
+            ("mntp", "empty.txt", ("no texts",)),
+            ("mntp", "latin1.txt", (":1", "UTF-8")),
+            ("mntp", "x.csv", ("file type",)),
+            ("mntp", "surrogate.jsonl", (":2", "Unicode")),
+            ("mntp", "deep.json", ("nested",)),
+            ("mntp", "tiny.txt", ("--max_seq_length",)),
+            ("supervised", "triples.csv", ("file type",)),
+            ("supervised", "missing-field.jsonl", (":1", "negative")),
+            ("supervised", "one-triple.jsonl", ("--batch_size",)),
+            ("supervised", "dataset-list.jsonl", (":1", "dataset")),
+            ("supervised", "dataset-number.jsonl", (":1", "dataset")),
+            ("supervised", "long-instruction.jsonl", ("instruction", "no room", "--max_seq_length")),
+            ("cosent", "pairs-bad-score.jsonl", (":9", "score", "'high'")),
+            ("cosent", "pairs.txt", (":1", "sentence1")),
+            ("cosent", "pairs-bool-score.jsonl", (":1", "score")),
+        ]
+    ],
+    Case(
+        "train/train-file-line-over-limit",
+        "text",
+        "train",
+        T(train_file="{d}/long-line.txt"),
+        "error",
+        ("long-line.txt:2", "MiB"),
+        setup=lower_line_limit,
+    ),
+    Case(
+        "train/simcse-instruction-fills-max-length",
+        "text",
+        "train",
+        T(objective="simcse") + ["--instruction", "word " * 60],
+        "error",
+        ("--instruction", "--max_seq_length"),
+    ),
+    Case(
+        "train/train-file-bare-cr-ok",
+        "text",
+        "train",
+        T(train_file="{d}/cr.txt") + ["--max_seq_length", "4", "--batch_size", "2"],
+        "ok",
+        check=run_done(),
+    ),
     Case("train/supervised-ok", "text", "train", T(objective="supervised"), "ok", check=run_done()),
     Case("train/mntp-ok", "text", "train", T(), "ok", check=run_done()),
-    Case("train/eval-sts-file-missing", "text", "train", T() + ["--eval_sts_file", "{d}/nope.csv"], "error",
-         ("nope.csv", "not found")),
-    Case("train/eval-sts-file-malformed", "text", "train", T() + ["--eval_sts_file", "{d}/bad-sts.csv"],
-         "error",
-         ("bad-sts.csv:1",)),
-    Case("train/eval-sts-file-three-fields", "text", "train", T() + ["--eval_sts_file", "{d}/sts-bad.csv"],
-         "error",
-         ("sts-bad.csv:1",)),
-    Case("train/eval-sts-file-non-utf8", "text", "train", T() + ["--eval_sts_file", "{d}/latin1-sts.csv"],
-         "error",
-         ("latin1-sts.csv:1", "UTF-8")),
-    Case("train/eval-file-missing", "text", "train", T() + ["--eval_file", "{d}/nope.txt"], "error",
-         ("nope.txt",)),
-    Case("train/eval-file-empty", "text", "train", T() + ["--eval_file", "{d}/empty.txt"], "error",
-         ("empty.txt",)),
-    Case("train/simcse-with-sts-ok", "text", "train", T(objective="simcse") + [
-        "--init_adapter", "{a}/good", "--eval_sts_file", "{ev}/good/" + STSB, "--eval_every", "1"], "ok",
-        check=run_done(log_key="eval_sts_spearman")),
-    Case("train/simcse-preset-ok", "text", "train", SIMCSE + ["--eval_sts_file", "{ev}/good/" + STSB], "ok",
-         check=run_done(log_key="eval_sts_spearman")),
-    Case("train/simcse-preset-sts-file-missing", "text", "train", SIMCSE, "error",
-         ("sts-dev.csv", "not found"),
-         setup=lambda ctx: ctx.monkeypatch.chdir(ctx.tmp)),  # the preset's path is relative to ../shared
+    Case(
+        "train/eval-sts-file-missing",
+        "text",
+        "train",
+        T() + ["--eval_sts_file", "{d}/nope.csv"],
+        "error",
+        ("nope.csv", "not found"),
+    ),
+    Case(
+        "train/eval-sts-file-malformed",
+        "text",
+        "train",
+        T() + ["--eval_sts_file", "{d}/bad-sts.csv"],
+        "error",
+        ("bad-sts.csv:1",),
+    ),
+    Case(
+        "train/eval-sts-file-three-fields",
+        "text",
+        "train",
+        T() + ["--eval_sts_file", "{d}/sts-bad.csv"],
+        "error",
+        ("sts-bad.csv:1",),
+    ),
+    Case(
+        "train/eval-sts-file-non-utf8",
+        "text",
+        "train",
+        T() + ["--eval_sts_file", "{d}/latin1-sts.csv"],
+        "error",
+        ("latin1-sts.csv:1", "UTF-8"),
+    ),
+    Case(
+        "train/eval-file-missing",
+        "text",
+        "train",
+        T() + ["--eval_file", "{d}/nope.txt"],
+        "error",
+        ("nope.txt",),
+    ),
+    Case(
+        "train/eval-file-empty",
+        "text",
+        "train",
+        T() + ["--eval_file", "{d}/empty.txt"],
+        "error",
+        ("empty.txt",),
+    ),
+    Case(
+        "train/simcse-with-sts-ok",
+        "text",
+        "train",
+        T(objective="simcse")
+        + ["--init_adapter", "{a}/good", "--eval_sts_file", "{ev}/good/" + STSB, "--eval_every", "1"],
+        "ok",
+        check=run_done(log_key="eval_sts_spearman"),
+    ),
+    Case(
+        "train/simcse-preset-ok",
+        "text",
+        "train",
+        SIMCSE + ["--eval_sts_file", "{ev}/good/" + STSB],
+        "ok",
+        check=run_done(log_key="eval_sts_spearman"),
+    ),
+    Case(
+        "train/simcse-preset-sts-file-missing",
+        "text",
+        "train",
+        SIMCSE,
+        "error",
+        ("sts-dev.csv", "not found"),
+        setup=lambda ctx: ctx.monkeypatch.chdir(ctx.tmp),
+    ),  # the preset's path is relative to ../shared
     # ================================================================ 5 eval.py data
-    Case("eval/ok", "eval", "eval", V(tasks="stsb-dev,sick-r-trial,msmarco-subset"), "ok",
-         check=results_json(3)),
+    Case(
+        "eval/ok",
+        "eval",
+        "eval",
+        V(tasks="stsb-dev,sick-r-trial,msmarco-subset"),
+        "ok",
+        check=results_json(3),
+    ),
     Case("eval/sts-cr-line-endings-ok", "eval", "eval", V(data="sts-cr"), "ok", check=results_json(1)),
     Case("eval/data-dir-missing", "eval", "eval", V(data="nope"), "error", ("--data-dir", "nope")),
-    Case("eval/data-dir-is-file", "eval", "eval", V() + ["--data-dir", "{d}/file"], "error",
-         ("--data-dir", "file")),
-    *[Case(f"eval/{name}", "eval", "eval", V(data=name, tasks=tasks), "error", words) for name, tasks,
-      words in [
-        ("no-sick", "dev", ("SICK_trial.txt", "not found")),
-        ("sts-malformed", "stsb-dev", ("sts-dev.csv:1",)),
-        ("sts-latin1", "stsb-dev", ("sts-dev.csv:1", "UTF-8")),
-        ("sts-constant-gold", "stsb-dev", ("sts-dev.csv", "undefined")),
-        ("sts-blank-sentence", "stsb-dev", ("sts-dev.csv:4", "empty")),
-        ("sts-gold-nan", "stsb-dev", ("sts-dev.csv:4", "finite")),
-        ("sts-gold-inf", "stsb-dev", ("sts-dev.csv:4",)),
-        ("sts-gold-text", "stsb-dev", ("sts-dev.csv:4", "'high'")),
-        ("sts-empty", "stsb-dev", ("sts-dev.csv", "no")),
-        ("sts-one-pair", "stsb-dev", ("sts-dev.csv", "undefined")),
-        ("sick-blank-sentence", "sick-r-trial", ("SICK_trial.txt:5", "empty")),
-        ("sick-no-header", "sick-r-trial", ("SICK_trial.txt:1", "header")),
-        ("sick-empty", "sick-r-trial", ("SICK_trial.txt", "empty")),
-        ("qrels-unknown-doc", "msmarco-subset", ("test.tsv:5", "nope", "corpus.jsonl")),
-        ("qrels-unknown-query", "msmarco-subset", ("test.tsv:5", "q9", "queries.jsonl")),
-        ("qrels-no-relevant", "msmarco-subset", ("test.tsv", "no relevant")),
-        ("qrels-bad-score", "msmarco-subset", ("test.tsv:5", "'x'")),
-        ("qrels-empty", "msmarco-subset", ("test.tsv", "no relevant")),
-        ("corpus-text-number", "msmarco-subset", ("corpus.jsonl:7", "text")),
-        ("corpus-duplicate-id", "msmarco-subset", ("corpus.jsonl:7", "d0")),
-        ("corpus-all-empty", "msmarco-subset", ("corpus.jsonl", "text")),
-        ("queries-missing", "msmarco-subset", ("queries.jsonl", "not found")),
-        ("query-blank", "msmarco-subset", ("queries.jsonl:4", "empty")),
-    ]],
+    Case(
+        "eval/data-dir-is-file",
+        "eval",
+        "eval",
+        V() + ["--data-dir", "{d}/file"],
+        "error",
+        ("--data-dir", "file"),
+    ),
+    *[
+        Case(f"eval/{name}", "eval", "eval", V(data=name, tasks=tasks), "error", words)
+        for name, tasks, words in [
+            ("no-sick", "dev", ("SICK_trial.txt", "not found")),
+            ("sts-malformed", "stsb-dev", ("sts-dev.csv:1",)),
+            ("sts-latin1", "stsb-dev", ("sts-dev.csv:1", "UTF-8")),
+            ("sts-constant-gold", "stsb-dev", ("sts-dev.csv", "undefined")),
+            ("sts-blank-sentence", "stsb-dev", ("sts-dev.csv:4", "empty")),
+            ("sts-gold-nan", "stsb-dev", ("sts-dev.csv:4", "finite")),
+            ("sts-gold-inf", "stsb-dev", ("sts-dev.csv:4",)),
+            ("sts-gold-text", "stsb-dev", ("sts-dev.csv:4", "'high'")),
+            ("sts-empty", "stsb-dev", ("sts-dev.csv", "no")),
+            ("sts-one-pair", "stsb-dev", ("sts-dev.csv", "undefined")),
+            ("sick-blank-sentence", "sick-r-trial", ("SICK_trial.txt:5", "empty")),
+            ("sick-no-header", "sick-r-trial", ("SICK_trial.txt:1", "header")),
+            ("sick-empty", "sick-r-trial", ("SICK_trial.txt", "empty")),
+            ("qrels-unknown-doc", "msmarco-subset", ("test.tsv:5", "nope", "corpus.jsonl")),
+            ("qrels-unknown-query", "msmarco-subset", ("test.tsv:5", "q9", "queries.jsonl")),
+            ("qrels-no-relevant", "msmarco-subset", ("test.tsv", "no relevant")),
+            ("qrels-bad-score", "msmarco-subset", ("test.tsv:5", "'x'")),
+            ("qrels-empty", "msmarco-subset", ("test.tsv", "no relevant")),
+            ("corpus-text-number", "msmarco-subset", ("corpus.jsonl:7", "text")),
+            ("corpus-duplicate-id", "msmarco-subset", ("corpus.jsonl:7", "d0")),
+            ("corpus-all-empty", "msmarco-subset", ("corpus.jsonl", "text")),
+            ("queries-missing", "msmarco-subset", ("queries.jsonl", "not found")),
+            ("query-blank", "msmarco-subset", ("queries.jsonl:4", "empty")),
+        ]
+    ],
     # ================================================================ 6 resume
-    Case("train/resume-no-checkpoint", "resume", "train", T() + ["--resume", "true"], "error",
-         ("--resume", "checkpoint")),
-    Case("train/resume-ok", "resume", "train", RUN6() + ["--resume", "true"], "ok", setup=copy_run("{part}"),
-         check=run_done("{tmp}/run", resumed_from="checkpoint-000004")),
-    Case("train/resume-larger-max-steps", "resume", "train",
-         T("{tmp}/run", 8, save_every=2) + ["--lr", "1e-3", "--resume", "true"],
-         "ok", setup=copy_run("{part}"),
-         check=run_done("{tmp}/run", resumed_from="checkpoint-000004", max_steps=8)),
-    *[Case(f"train/resume-changed-{flag.strip('-')}", "resume", "train",
-           RUN6() + ["--resume", "true", flag, v],
-           "error", ("--resume", flag.strip("-")), setup=copy_run("{part}"), protect=("{tmp}/run",))
-      for flag, v in [("--lr", "5e-3"), ("--lora_r", "8"), ("--seed", "1"), ("--max_seq_length", "16")]],
-    Case("train/resume-changed-objective", "resume", "train",
-         RUN6() + ["--resume", "true", "--objective", "simcse"],
-         "error", ("--resume", "objective"), setup=copy_run("{part}"), protect=("{tmp}/run",)),
-    Case("train/resume-max-steps-below-checkpoint", "resume", "train",
-         T("{tmp}/run", 3, save_every=2) + ["--lr", "1e-3", "--resume", "true"], "error",
-         ("--max_steps", "checkpoint-000004"), setup=copy_run("{part}"), protect=("{tmp}/run",)),
-    Case("train/resume-newest-adapter-truncated", "resume", "train", RUN6() + ["--resume", "true"], "ok",
-         setup=copy_run("{part}",
-                        edit=lambda r: truncate(r / "checkpoint-000004" / "adapter_model.safetensors")),
-         check=run_done("{tmp}/run", resumed_from="checkpoint-000002")),
-    Case("train/resume-newest-trainer-state-truncated", "resume", "train", RUN6() + ["--resume", "true"],
-         "ok",
-         setup=copy_run("{part}", edit=lambda r: truncate(r / "checkpoint-000004" / "trainer_state.pt")),
-         check=run_done("{tmp}/run", resumed_from="checkpoint-000002")),
-    Case("train/resume-newest-trainer-state-not-a-dict", "resume", "train", RUN6() + ["--resume", "true"],
-         "ok",
-         setup=copy_run("{part}",
-                        edit=lambda r: torch.save([1, 2], r / "checkpoint-000004" / "trainer_state.pt")),
-         check=run_done("{tmp}/run", resumed_from="checkpoint-000002")),
-    Case("train/resume-newest-trainer-state-no-step", "resume", "train", RUN6() + ["--resume", "true"], "ok",
-         setup=copy_run("{part}",
-                        edit=lambda r: torch.save({"optimizer": {}},
-                                                  r / "checkpoint-000004" / "trainer_state.pt")),
-         check=run_done("{tmp}/run", resumed_from="checkpoint-000002")),
-    Case("train/resume-newest-config-a-list", "resume", "train", RUN6() + ["--resume", "true"], "ok",
-         setup=copy_run("{part}",
-                        edit=lambda r: (r / "checkpoint-000004" / "train_config.json").write_text("[]")),
-         check=run_done("{tmp}/run", resumed_from="checkpoint-000002")),
-    Case("train/resume-only-checkpoint-damaged", "resume", "train", RUN6() + ["--resume", "true"], "error",
-         ("no intact checkpoint", "checkpoint-000004", "trainer_state.pt"),
-         setup=copy_run("{part}", edit=lambda r: (shutil.rmtree(r / "checkpoint-000002"),
-                                                   truncate(r / "checkpoint-000004" / "trainer_state.pt")))),
-    Case("train/resume-log-with-a-torn-line", "resume", "train", RUN6() + ["--resume", "true"], "ok",
-         setup=copy_run("{part}", edit=lambda r: open(r / "log.jsonl", "a").write('{"step": 5, "lo')),
-         check=run_done("{tmp}/run", resumed_from="checkpoint-000004")),
-    Case("train/resume-on-changed-data", "resume", "train", RUN6() + ["--resume", "true", "--train_file",
-                                                                      "{tmp}/sents.txt"], "error",
-         ("--train_file", "sents.txt", "--resume_other_data"), protect=("{tmp}/run",),
-         setup=chain(copy_run("{part}"), lambda ctx: (ctx.tmp / "sents.txt").write_text(
-             Path(ctx.fill("{sents}")).read_text().replace("cats", "lions")))),
-    Case("train/resume-on-changed-data-forced", "resume", "train", RUN6() + [
-        "--resume", "true", "--train_file", "{tmp}/sents.txt", "--resume_other_data", "true"], "ok",
-        setup=chain(copy_run("{part}"), lambda ctx: (ctx.tmp / "sents.txt").write_text(
-            Path(ctx.fill("{sents}")).read_text().replace("cats", "lions"))),
-        check=run_done("{tmp}/run", resumed_from="checkpoint-000004")),
-    Case("train/resume-same-data-moved", "resume", "train", RUN6() + ["--resume", "true", "--train_file",
-                                                                      "{tmp}/moved.txt"], "ok",
-         setup=chain(copy_run("{part}"), lambda ctx: shutil.copy(ctx.fill("{sents}"), ctx.tmp / "moved.txt")),
-         check=run_done("{tmp}/run", resumed_from="checkpoint-000004")),
+    Case(
+        "train/resume-no-checkpoint",
+        "resume",
+        "train",
+        T() + ["--resume", "true"],
+        "error",
+        ("--resume", "checkpoint"),
+    ),
+    Case(
+        "train/resume-ok",
+        "resume",
+        "train",
+        RUN6() + ["--resume", "true"],
+        "ok",
+        setup=copy_run("{part}"),
+        check=run_done("{tmp}/run", resumed_from="checkpoint-000004"),
+    ),
+    Case(
+        "train/resume-larger-max-steps",
+        "resume",
+        "train",
+        T("{tmp}/run", 8, save_every=2) + ["--lr", "1e-3", "--resume", "true"],
+        "ok",
+        setup=copy_run("{part}"),
+        check=run_done("{tmp}/run", resumed_from="checkpoint-000004", max_steps=8),
+    ),
+    *[
+        Case(
+            f"train/resume-changed-{flag.strip('-')}",
+            "resume",
+            "train",
+            RUN6() + ["--resume", "true", flag, v],
+            "error",
+            ("--resume", flag.strip("-")),
+            setup=copy_run("{part}"),
+            protect=("{tmp}/run",),
+        )
+        for flag, v in [("--lr", "5e-3"), ("--lora_r", "8"), ("--seed", "1"), ("--max_seq_length", "16")]
+    ],
+    Case(
+        "train/resume-changed-objective",
+        "resume",
+        "train",
+        RUN6() + ["--resume", "true", "--objective", "simcse"],
+        "error",
+        ("--resume", "objective"),
+        setup=copy_run("{part}"),
+        protect=("{tmp}/run",),
+    ),
+    Case(
+        "train/resume-max-steps-below-checkpoint",
+        "resume",
+        "train",
+        T("{tmp}/run", 3, save_every=2) + ["--lr", "1e-3", "--resume", "true"],
+        "error",
+        ("--max_steps", "checkpoint-000004"),
+        setup=copy_run("{part}"),
+        protect=("{tmp}/run",),
+    ),
+    Case(
+        "train/resume-newest-adapter-truncated",
+        "resume",
+        "train",
+        RUN6() + ["--resume", "true"],
+        "ok",
+        setup=copy_run(
+            "{part}", edit=lambda r: truncate(r / "checkpoint-000004" / "adapter_model.safetensors")
+        ),
+        check=run_done("{tmp}/run", resumed_from="checkpoint-000002"),
+    ),
+    Case(
+        "train/resume-newest-trainer-state-truncated",
+        "resume",
+        "train",
+        RUN6() + ["--resume", "true"],
+        "ok",
+        setup=copy_run("{part}", edit=lambda r: truncate(r / "checkpoint-000004" / "trainer_state.pt")),
+        check=run_done("{tmp}/run", resumed_from="checkpoint-000002"),
+    ),
+    Case(
+        "train/resume-newest-trainer-state-not-a-dict",
+        "resume",
+        "train",
+        RUN6() + ["--resume", "true"],
+        "ok",
+        setup=copy_run(
+            "{part}", edit=lambda r: torch.save([1, 2], r / "checkpoint-000004" / "trainer_state.pt")
+        ),
+        check=run_done("{tmp}/run", resumed_from="checkpoint-000002"),
+    ),
+    Case(
+        "train/resume-newest-trainer-state-no-step",
+        "resume",
+        "train",
+        RUN6() + ["--resume", "true"],
+        "ok",
+        setup=copy_run(
+            "{part}",
+            edit=lambda r: torch.save({"optimizer": {}}, r / "checkpoint-000004" / "trainer_state.pt"),
+        ),
+        check=run_done("{tmp}/run", resumed_from="checkpoint-000002"),
+    ),
+    Case(
+        "train/resume-newest-config-a-list",
+        "resume",
+        "train",
+        RUN6() + ["--resume", "true"],
+        "ok",
+        setup=copy_run(
+            "{part}", edit=lambda r: (r / "checkpoint-000004" / "train_config.json").write_text("[]")
+        ),
+        check=run_done("{tmp}/run", resumed_from="checkpoint-000002"),
+    ),
+    Case(
+        "train/resume-only-checkpoint-damaged",
+        "resume",
+        "train",
+        RUN6() + ["--resume", "true"],
+        "error",
+        ("no intact checkpoint", "checkpoint-000004", "trainer_state.pt"),
+        setup=copy_run(
+            "{part}",
+            edit=lambda r: (
+                shutil.rmtree(r / "checkpoint-000002"),
+                truncate(r / "checkpoint-000004" / "trainer_state.pt"),
+            ),
+        ),
+    ),
+    Case(
+        "train/resume-log-with-a-torn-line",
+        "resume",
+        "train",
+        RUN6() + ["--resume", "true"],
+        "ok",
+        setup=copy_run("{part}", edit=lambda r: open(r / "log.jsonl", "a").write('{"step": 5, "lo')),
+        check=run_done("{tmp}/run", resumed_from="checkpoint-000004"),
+    ),
+    Case(
+        "train/resume-on-changed-data",
+        "resume",
+        "train",
+        RUN6() + ["--resume", "true", "--train_file", "{tmp}/sents.txt"],
+        "error",
+        ("--train_file", "sents.txt", "--resume_other_data"),
+        protect=("{tmp}/run",),
+        setup=chain(
+            copy_run("{part}"),
+            lambda ctx: (ctx.tmp / "sents.txt").write_text(
+                Path(ctx.fill("{sents}")).read_text().replace("cats", "lions")
+            ),
+        ),
+    ),
+    Case(
+        "train/resume-on-changed-data-forced",
+        "resume",
+        "train",
+        RUN6() + ["--resume", "true", "--train_file", "{tmp}/sents.txt", "--resume_other_data", "true"],
+        "ok",
+        setup=chain(
+            copy_run("{part}"),
+            lambda ctx: (ctx.tmp / "sents.txt").write_text(
+                Path(ctx.fill("{sents}")).read_text().replace("cats", "lions")
+            ),
+        ),
+        check=run_done("{tmp}/run", resumed_from="checkpoint-000004"),
+    ),
+    Case(
+        "train/resume-same-data-moved",
+        "resume",
+        "train",
+        RUN6() + ["--resume", "true", "--train_file", "{tmp}/moved.txt"],
+        "ok",
+        setup=chain(copy_run("{part}"), lambda ctx: shutil.copy(ctx.fill("{sents}"), ctx.tmp / "moved.txt")),
+        check=run_done("{tmp}/run", resumed_from="checkpoint-000004"),
+    ),
     # ================================================================ 7 devices and the Python API
-    *[Case(f"{cli}/device-{dev.replace(':', '')}", "api", cli, args + ["--device", dev], "error",
-           ("device", dev))
-      for dev in ("meta", "mps", "tpu", "xla", "cuda:x", "cuda:7", "") for cli, args in [
-          ("train", T()), ("encode", E("--text", "A cat.")), ("eval", V())]
-      if cli == "encode" or dev in ("meta", "mps") or cli == "train" and dev == "cuda:7"],
-    Case("api/bare-pair", "api", "api", api_encode(("Retrieve similar text.", "A cat sits.")), "error",
-         ("tuple", "list")),
+    *[
+        Case(
+            f"{cli}/device-{dev.replace(':', '')}",
+            "api",
+            cli,
+            args + ["--device", dev],
+            "error",
+            ("device", dev),
+        )
+        for dev in ("meta", "mps", "tpu", "xla", "cuda:x", "cuda:7", "")
+        for cli, args in [("train", T()), ("encode", E("--text", "A cat.")), ("eval", V())]
+        if cli == "encode" or dev in ("meta", "mps") or cli == "train" and dev == "cuda:7"
+    ],
+    Case(
+        "api/bare-pair",
+        "api",
+        "api",
+        api_encode(("Retrieve similar text.", "A cat sits.")),
+        "error",
+        ("tuple", "list"),
+    ),
     Case("api/bytes", "api", "api", api_encode(b"A cat."), "error", ("bytes",)),
     Case("api/bytes-in-list", "api", "api", api_encode(["A cat.", b"A dog."]), "error", ("input 1", "bytes")),
     Case("api/dict", "api", "api", api_encode({"text": "A cat."}), "error", ("dict",)),
@@ -1059,76 +1943,160 @@ CASES = [
     Case("api/pair-with-number", "api", "api", api_encode([("Retrieve:", 5)]), "error", ("input 0",)),
     Case("api/triple", "api", "api", api_encode([("a", "b", "c")]), "error", ("input 0", "length 3")),
     Case("api/empty-text", "api", "api", api_encode(["A cat.", " "]), "error", ("input 1", "empty")),
-    Case("api/lone-surrogate", "api", "api", api_encode(["A cat.", "caf\ud800"]), "error",
-         ("input 1", "Unicode")),
-    Case("api/lone-surrogate-instruction", "api", "api", api_encode([("\udfff", "A cat.")]), "error",
-         ("input 0", "instruction", "Unicode")),
-    *[Case(f"api/max-batch-tokens-{v!r}", "api", "api", api_encode(["A cat."], max_batch_tokens=v), "error",
-           ("max_batch_tokens", "positive integer")) for v in (0, -1, 1.5, True, "64")],
-    Case("api/normalize-string", "api", "api", api_encode(["A cat."], normalize="no"), "error",
-         ("normalize",)),
-    *[Case(f"api/load-{name}", "api", "api", api_load(**kw), "error", words) for name, kw, words in [
-        ("device-meta", dict(device="meta"), ("device", "meta")),
-        ("device-mps", dict(device="mps"), ("device", "mps")),
-        ("device-number", dict(device=5), ("device",)), ("max-length-0", dict(max_length=0), ("max_length",)),
-        ("max-length-bool", dict(max_length=True), ("max_length",)),
-        ("max-length-float", dict(max_length=8.0), ("max_length",)),
-        ("pooling-max", dict(pooling="max"), ("pooling",)),
-        ("dtype-int8", dict(dtype="int8"), ("dtype",)), ("autocast-yes", dict(autocast="yes"), ("autocast",)),
-        ("is-causal-string", dict(is_causal="yes"), ("is_causal",)),
-        ("model-missing", dict(model="{d}/nope"), ("nope",)),
-        ("model-bytes", dict(model=b"models"), ("model",)),
-        ("adapter-nan", dict(adapters=["{a}/nan"]), ("NaN",)),
-        ("adapters-number", dict(adapters=5), ("adapters",)),
-        ("adapters-bytes-in-list", dict(adapters=[b"x"]), ("adapters",)),
-        ("prompt-no-slot", dict(prompt="no slot"), ("prompt", "{text}")),
-    ]],
+    Case(
+        "api/lone-surrogate",
+        "api",
+        "api",
+        api_encode(["A cat.", "caf\ud800"]),
+        "error",
+        ("input 1", "Unicode"),
+    ),
+    Case(
+        "api/lone-surrogate-instruction",
+        "api",
+        "api",
+        api_encode([("\udfff", "A cat.")]),
+        "error",
+        ("input 0", "instruction", "Unicode"),
+    ),
+    *[
+        Case(
+            f"api/max-batch-tokens-{v!r}",
+            "api",
+            "api",
+            api_encode(["A cat."], max_batch_tokens=v),
+            "error",
+            ("max_batch_tokens", "positive integer"),
+        )
+        for v in (0, -1, 1.5, True, "64")
+    ],
+    Case(
+        "api/normalize-string", "api", "api", api_encode(["A cat."], normalize="no"), "error", ("normalize",)
+    ),
+    *[
+        Case(f"api/load-{name}", "api", "api", api_load(**kw), "error", words)
+        for name, kw, words in [
+            ("device-meta", dict(device="meta"), ("device", "meta")),
+            ("device-mps", dict(device="mps"), ("device", "mps")),
+            ("device-number", dict(device=5), ("device",)),
+            ("max-length-0", dict(max_length=0), ("max_length",)),
+            ("max-length-bool", dict(max_length=True), ("max_length",)),
+            ("max-length-float", dict(max_length=8.0), ("max_length",)),
+            ("pooling-max", dict(pooling="max"), ("pooling",)),
+            ("dtype-int8", dict(dtype="int8"), ("dtype",)),
+            ("autocast-yes", dict(autocast="yes"), ("autocast",)),
+            ("is-causal-string", dict(is_causal="yes"), ("is_causal",)),
+            ("model-missing", dict(model="{d}/nope"), ("nope",)),
+            ("model-bytes", dict(model=b"models"), ("model",)),
+            ("adapter-nan", dict(adapters=["{a}/nan"]), ("NaN",)),
+            ("adapters-number", dict(adapters=5), ("adapters",)),
+            ("adapters-bytes-in-list", dict(adapters=[b"x"]), ("adapters",)),
+            ("prompt-no-slot", dict(prompt="no slot"), ("prompt", "{text}")),
+        ]
+    ],
     Case("api/string-ok", "api", "api", api_encode("A cat sits."), "ok", check=shape(1)),
-    Case("api/pair-list-ok", "api", "api", api_encode([("Retrieve similar text.", "A cat sits."), "A dog."]),
-         "ok",
-         check=shape(2)),
+    Case(
+        "api/pair-list-ok",
+        "api",
+        "api",
+        api_encode([("Retrieve similar text.", "A cat sits."), "A dog."]),
+        "ok",
+        check=shape(2),
+    ),
     Case("api/generator-ok", "api", "api", api_encode(t for t in ["A cat.", "A dog."]), "ok", check=shape(2)),
     Case("api/empty-list-ok", "api", "api", api_encode([]), "ok", check=shape(0)),
-    Case("api/numpy-int-budget-ok", "api", "api", api_encode(["A cat."], max_batch_tokens=np.int64(256)),
-         "ok",
-         check=shape(1)),
+    Case(
+        "api/numpy-int-budget-ok",
+        "api",
+        "api",
+        api_encode(["A cat."], max_batch_tokens=np.int64(256)),
+        "ok",
+        check=shape(1),
+    ),
     # ================================================================ output paths
-    *[Case(f"{cli}/out-{name}", "output", cli, args + ["--out", path], "error", words)
-      for cli, args, suffix in [("encode", E("--text", "A cat."), ".npy"), ("eval", V(), ".json")]
-      for name, path, words in [
-          ("existing-folder", "{d}/folder", ("--out", "folder")),
-          ("wrong-suffix", "{tmp}/res.txt", ("--out", suffix)),
-          ("unwritable", UNWRITABLE + suffix, ("--out", "writable")),
-          ("parent-is-file", "{d}/file/res" + suffix, ("--out", "file")),
-      ]],
-    Case("encode/out-parent-missing-ok", "output", "encode",
-         E("--text", "A cat.", "--out", "{tmp}/new/sub/emb.npy"),
-         "ok", check=npy("{tmp}/new/sub/emb.npy", rows=1)),
-    Case("encode/out-replaces-earlier-ok", "output", "encode",
-         E("--text", "A cat.", "--text", "A dog.", "--out", "{tmp}/emb.npy"), "ok", check=npy(rows=2),
-         setup=in_tmp("emb.npy", b"an earlier result")),
-    Case("train/output-dir-unwritable", "output", "train", T(UNWRITABLE), "error",
-         ("--output_dir", "writable")),
-    Case("train/merge-out-unwritable", "output", "train", T() + ["--merge_out", UNWRITABLE], "error",
-         ("--merge_out", "writable")),
-    Case("train/merge-out-under-file", "output", "train", T() + ["--merge_out", "{d}/file/merged"], "error",
-         ("--merge_out", "file")),
+    *[
+        Case(f"{cli}/out-{name}", "output", cli, args + ["--out", path], "error", words)
+        for cli, args, suffix in [("encode", E("--text", "A cat."), ".npy"), ("eval", V(), ".json")]
+        for name, path, words in [
+            ("existing-folder", "{d}/folder", ("--out", "folder")),
+            ("wrong-suffix", "{tmp}/res.txt", ("--out", suffix)),
+            ("unwritable", UNWRITABLE + suffix, ("--out", "writable")),
+            ("parent-is-file", "{d}/file/res" + suffix, ("--out", "file")),
+        ]
+    ],
+    Case(
+        "encode/out-parent-missing-ok",
+        "output",
+        "encode",
+        E("--text", "A cat.", "--out", "{tmp}/new/sub/emb.npy"),
+        "ok",
+        check=npy("{tmp}/new/sub/emb.npy", rows=1),
+    ),
+    Case(
+        "encode/out-replaces-earlier-ok",
+        "output",
+        "encode",
+        E("--text", "A cat.", "--text", "A dog.", "--out", "{tmp}/emb.npy"),
+        "ok",
+        check=npy(rows=2),
+        setup=in_tmp("emb.npy", b"an earlier result"),
+    ),
+    Case(
+        "train/output-dir-unwritable", "output", "train", T(UNWRITABLE), "error", ("--output_dir", "writable")
+    ),
+    Case(
+        "train/merge-out-unwritable",
+        "output",
+        "train",
+        T() + ["--merge_out", UNWRITABLE],
+        "error",
+        ("--merge_out", "writable"),
+    ),
+    Case(
+        "train/merge-out-under-file",
+        "output",
+        "train",
+        T() + ["--merge_out", "{d}/file/merged"],
+        "error",
+        ("--merge_out", "file"),
+    ),
     # ================================================================ 8 errors found late, --debug
-    Case("train/loss-diverges", "boundary", "train",
-         T(steps=6, save_every=1) + ["--lr", "1e30", "--grad_clip", "0"],
-         "error", ("diverged", "--lr"), late=True, check=checkpoint_kept("out", 1)),
-    Case("encode/non-finite-embeddings", "boundary", "encode",
-         E("--text", "A cat.", model="{m}/nan-weights"), "error",
-         ("non-finite", "nan-weights")),
-    Case("eval/spearman-undefined-after-encoding", "boundary", "eval", V("--model", "{m}/zero-norm"), "error",
-         ("stsb-dev", "Spearman", "undefined")),
+    Case(
+        "train/loss-diverges",
+        "boundary",
+        "train",
+        T(steps=6, save_every=1) + ["--lr", "1e30", "--grad_clip", "0"],
+        "error",
+        ("diverged", "--lr"),
+        late=True,
+        check=checkpoint_kept("out", 1),
+    ),
+    Case(
+        "encode/non-finite-embeddings",
+        "boundary",
+        "encode",
+        E("--text", "A cat.", model="{m}/nan-weights"),
+        "error",
+        ("non-finite", "nan-weights"),
+    ),
+    Case(
+        "eval/spearman-undefined-after-encoding",
+        "boundary",
+        "eval",
+        V("--model", "{m}/zero-norm"),
+        "error",
+        ("stsb-dev", "Spearman", "undefined"),
+    ),
 ]
 
 
 def debug_cases():
     """--debug: the same mistakes, now as the exception itself (a traceback for the user)."""
-    return [(T() + ["--lr", "-1", "--debug"], "train"), (E("--text", "", "--debug"), "encode"),
-            (V("--tasks", "nope", "--debug"), "eval")]
+    return [
+        (T() + ["--lr", "-1", "--debug"], "train"),
+        (E("--text", "", "--debug"), "encode"),
+        (V("--tasks", "nope", "--debug"), "eval"),
+    ]
 
 
 # ----------------------------------------------------------------------------- running a case
@@ -1165,9 +2133,19 @@ def fx(tmp_path_factory, tiny_dir, text_files):
     sents, triples = text_files / "sents.txt", text_files / "triples.jsonl"
     pairs = text_files / "pairs.jsonl"
     run = d / "finished" / "run"  # 6 steps, checkpoints at 2 and 4: final/ is the good adapter
-    paths = dict(tiny=tiny_dir, d=d, m=m, run=run, sents=sents, triples=triples, pairs=pairs,
-                 a=d / "adapters",
-                 ev=d / "evaldata", part=d / "partial" / "run", repo=ROOT)
+    paths = dict(
+        tiny=tiny_dir,
+        d=d,
+        m=m,
+        run=run,
+        sents=sents,
+        triples=triples,
+        pairs=pairs,
+        a=d / "adapters",
+        ev=d / "evaldata",
+        part=d / "partial" / "run",
+        repo=ROOT,
+    )
     fill = lambda s: filler(paths)(s)  # noqa: E731
     train.main([fill(a) for a in RUN6(str(run))])
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-000002", "checkpoint-000004"]
@@ -1190,12 +2168,16 @@ def filler(paths: dict):
         for k, v in paths.items():
             s = s.replace("{" + k + "}", str(v))
         return s
+
     return fill
 
 
 def tree_hash(folder: Path) -> dict:
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
-            if p.is_file() and not p.is_symlink()}
+    return {
+        str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
 
 
 def snapshot(paths) -> dict:
@@ -1213,10 +2195,17 @@ def ctx(fx, tmp_path, monkeypatch):
     def encoder():
         if "e" not in encoders:
             from l2v.encoder import Encoder
+
             encoders["e"] = Encoder.from_pretrained(fx.paths["tiny"], autocast="none")
         return encoders["e"]
-    c = SimpleNamespace(tmp=tmp_path, monkeypatch=monkeypatch, fill=filler({**fx.paths, "tmp": tmp_path}),
-                        cleanup=[], encoder=encoder)
+
+    c = SimpleNamespace(
+        tmp=tmp_path,
+        monkeypatch=monkeypatch,
+        fill=filler({**fx.paths, "tmp": tmp_path}),
+        cleanup=[],
+        encoder=encoder,
+    )
     yield c
     for f in c.cleanup:
         f()
@@ -1305,8 +2294,10 @@ def test_debug_shows_the_traceback(fx, tmp_path, argv, script):
 
 def test_a_failed_evaluation_never_loses_the_run(fx, tmp_path, monkeypatch):
     """An evaluation that breaks (a bug, not an input) is logged; the run goes on and saves final/."""
+
     def broken(*a, **k):
         raise RuntimeError("evaluation broke")
+
     monkeypatch.setattr(train, "evaluate_sts", broken)
     fill = filler({**fx.paths, "tmp": tmp_path})
     train.main([fill(a) for a in T() + ["--eval_sts_file", "{ev}/good/" + STSB, "--eval_every", "1"]])
@@ -1325,8 +2316,15 @@ def test_fixtures_unchanged(fx):
 
 def child(args, cwd, **kw):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 @pytest.mark.slow
@@ -1337,8 +2335,9 @@ def test_two_processes_one_folder_and_a_killed_runs_lock(fx, tmp_path):
     args = [fill(a) for a in T(steps=400, save_every=1)]
     first = child(args, tmp_path)
     deadline = time.time() + 120
-    while not list((tmp_path / "out").glob("checkpoint-*")) and time.time() < deadline \
-            and first.poll() is None:
+    while (
+        not list((tmp_path / "out").glob("checkpoint-*")) and time.time() < deadline and first.poll() is None
+    ):
         time.sleep(0.05)
     second = child(args + ["--resume", "true"], tmp_path)
     _, err = second.communicate(timeout=120)

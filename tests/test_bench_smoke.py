@@ -1,11 +1,11 @@
 """Smoke test of bench/: the dry-run modes of bench/run.py (a tiny random model, tiny inputs, the l2v side
 only: no upstream environment, no GPU needed). It measures nothing; it checks that every figure and check
 the report needs comes out, in the table and in the JSON."""
+
 import json
 import math
 import shutil
 import sys
-from pathlib import Path
 
 import pytest
 from conftest import DEMO_MODEL, REF_TOKENIZER, ROOT, TOKENIZER_FILES
@@ -13,8 +13,14 @@ from conftest import DEMO_MODEL, REF_TOKENIZER, ROOT, TOKENIZER_FILES
 sys.path.insert(0, str(ROOT / "bench"))
 import run  # noqa: E402
 
-SPEED = {"encode_sts": "texts/s", "encode_msmarco": "texts/s", "mntp": "tokens/s", "mntp_ckpt": "tokens/s",
-         "simcse": "sent/s", "matmul": "TFLOP/s"}
+SPEED = {
+    "encode_sts": "texts/s",
+    "encode_msmarco": "texts/s",
+    "mntp": "tokens/s",
+    "mntp_ckpt": "tokens/s",
+    "simcse": "sent/s",
+    "matmul": "TFLOP/s",
+}
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +33,21 @@ def data(tmp_path_factory):
     for name in TOKENIZER_FILES:
         shutil.copy(tokenizer / name, d / name)
     words = ["cats", "rivers", "songs", "planes", "books", "mountains"]
-    (d / "sts-test.csv").write_text("".join(f'main\tMSRvid\t2012\t{i}\t{i % 5}.0\tA "quoted" {w} number {i}.\t'
-                                            f"Another {w}, {i}!\n" for i, w in enumerate(words * 5)))
-    (d / "wiki1m.txt").write_text("".join(f"Sentence {i} is about {w} and the {i % 7} green {w}.\n"
-                                          for i, w in enumerate(words * 40)))
-    (d / "msmarco-corpus.jsonl").write_text("".join(json.dumps({"_id": str(i), "title": "", "text": f"{w} " * (5 + i)})
-                                                    + "\n" for i, w in enumerate(words * 2)))
+    (d / "sts-test.csv").write_text(
+        "".join(
+            f'main\tMSRvid\t2012\t{i}\t{i % 5}.0\tA "quoted" {w} number {i}.\tAnother {w}, {i}!\n'
+            for i, w in enumerate(words * 5)
+        )
+    )
+    (d / "wiki1m.txt").write_text(
+        "".join(f"Sentence {i} is about {w} and the {i % 7} green {w}.\n" for i, w in enumerate(words * 40))
+    )
+    (d / "msmarco-corpus.jsonl").write_text(
+        "".join(
+            json.dumps({"_id": str(i), "title": "", "text": f"{w} " * (5 + i)}) + "\n"
+            for i, w in enumerate(words * 2)
+        )
+    )
     return d
 
 
@@ -58,7 +73,9 @@ def check_figures(result: dict, steps: int) -> None:
 
 def test_dry_run(data, tmp_path, capsys):
     out = tmp_path / "dry.json"
-    result = run.main(["--dry-run", "--data", str(data), "--threads", "1", "--peer-python", "none", "--out", str(out)])
+    result = run.main(
+        ["--dry-run", "--data", str(data), "--threads", "1", "--peer-python", "none", "--out", str(out)]
+    )
     check_figures(result, run.SIZES["dry"]["steps"])
     saved = json.loads(out.read_text())
     assert saved["rows"] == json.loads(json.dumps(result["rows"])) and saved["mode"] in ("cpu", "cuda")
@@ -67,11 +84,28 @@ def test_dry_run(data, tmp_path, capsys):
 
 def test_gpu_check_dry_run(data, tmp_path, capsys):
     out = tmp_path / "gpu.json"
-    result = run.main(["--gpu", "--dry-run", "--data", str(data), "--threads", "1", "--peer-python", "none",
-                       "--out", str(out)])
+    result = run.main(
+        [
+            "--gpu",
+            "--dry-run",
+            "--data",
+            str(data),
+            "--threads",
+            "1",
+            "--peer-python",
+            "none",
+            "--out",
+            str(out),
+        ]
+    )
     checks = result["checks"]
-    assert [k.split(" cpu vs")[0] for k in checks] == ["parity", "random model", "train.py mntp", "train.py simcse",
-                                                       "encode.py"]
+    assert [k.split(" cpu vs")[0] for k in checks] == [
+        "parity",
+        "random model",
+        "train.py mntp",
+        "train.py simcse",
+        "encode.py",
+    ]
     assert all(c["ok"] for c in checks.values()), checks
     assert checks["random model"]["shards"] > 1  # written sharded, as the 8B model is
     assert len(checks["train.py mntp"]["losses"]) == 3
@@ -96,6 +130,7 @@ def test_against_alternates_and_reports(tmp_path, monkeypatch):
     def run_side(script, spec, python, pythonpath, tag):
         calls.append(("encode", pythonpath[0]))
         return {"encode_sts": {"times": [speed[pythonpath[0]]], "n": 10}}
+
     monkeypatch.setattr(run, "prepare_inputs", lambda *a: {"counts": {"sts": 10}})
     monkeypatch.setattr(run, "train_py", train_py)
     monkeypatch.setattr(run, "run_side", run_side)
@@ -110,8 +145,27 @@ def test_against_alternates_and_reports(tmp_path, monkeypatch):
 def test_attention_paths_smoke(tmp_path, capsys):
     """bench/attention_paths.py runs: tiny shapes, the paths that need no compiler."""
     import attention_paths
-    attention_paths.main(["--tokens", "16", "--heads", "2", "--kv-heads", "1", "--head-dim", "8", "--window", "4",
-                          "--reps", "1", "--paths", "sdpa,math", "--json", str(tmp_path / "a.json")])
+
+    attention_paths.main(
+        [
+            "--tokens",
+            "16",
+            "--heads",
+            "2",
+            "--kv-heads",
+            "1",
+            "--head-dim",
+            "8",
+            "--window",
+            "4",
+            "--reps",
+            "1",
+            "--paths",
+            "sdpa,math",
+            "--json",
+            str(tmp_path / "a.json"),
+        ]
+    )
     rows = json.loads((tmp_path / "a.json").read_text())["rows"]
     assert len(rows) == 8 and all("forward_backward_ms" in r for r in rows)
     assert "| math | causal | bfloat16 |" in capsys.readouterr().out

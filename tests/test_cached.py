@@ -8,22 +8,29 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import tiny_model
+from test_train import adapter, common_args, losses, run
+
 from l2v.config import TrainConfig
 from l2v.data import micro_batch_positions
 from l2v.encoder import Encoder
 from l2v.lora import add_lora, lora_parameters
 from l2v.objectives import OBJECTIVES
-from test_train import adapter, common_args, losses, run
 
 BATCH = 16
 
 
 def setup(objective, tok, text_files, micro, dropout=0.0, contrastive_batch="global"):
     """A fresh tiny model with a non-zero LoRA, the objective attached, one global batch in `micro` pieces."""
-    ours = dict(objective=objective, batch_size=BATCH, micro_batch_size=micro, max_seq_length=32,
-                contrastive_batch=contrastive_batch, lora_dropout=dropout, attention_dropout=dropout)
+    ours = dict(
+        objective=objective,
+        batch_size=BATCH,
+        micro_batch_size=micro,
+        max_seq_length=32,
+        contrastive_batch=contrastive_batch,
+        lora_dropout=dropout,
+        attention_dropout=dropout,
+    )
     cfg = TrainConfig(**OBJECTIVES[objective].defaults | ours)
     model = tiny_model(attention_dropout=dropout)
     add_lora(model, r=4, alpha=8, dropout=dropout)
@@ -76,6 +83,7 @@ def test_both_passes_draw_the_same_dropout_masks(tok, text_files, monkeypatch):
         obj.backward(model, mbs)
         monkeypatch.undo()
         return seen[:4], seen[4:]
+
     first, again = embeddings()
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     first, again = embeddings(replay=False)
@@ -87,13 +95,25 @@ EXTRA = ["--batch_size", "16", "--lora_dropout", "0", "--attention_dropout", "0"
 
 @pytest.mark.parametrize("objective", ["simcse", "supervised"])
 def test_train_py_cached_equals_full_batch_and_two_processes(objective, tiny_dir, text_files, tmp_path):
-    full = run(common_args(tiny_dir, tmp_path / "full", objective, text_files) + EXTRA + ["--micro_batch_size", "16"])
-    cached = run(common_args(tiny_dir, tmp_path / "cached", objective, text_files) + EXTRA + ["--micro_batch_size", "4"])
+    run(
+        common_args(tiny_dir, tmp_path / "full", objective, text_files) + EXTRA + ["--micro_batch_size", "16"]
+    )
+    cached = run(
+        common_args(tiny_dir, tmp_path / "cached", objective, text_files)
+        + EXTRA
+        + ["--micro_batch_size", "4"]
+    )
     start = json.loads(next(x for x in cached.stdout.splitlines() if '"event": "start"' in x))
     views = 3 if objective == "supervised" else 2
-    assert (start["accum"], start["contrastive_batch"], start["negatives_per_example"]) == (4, "global", 16 * (views - 1) - 1)
-    two = run(common_args(tiny_dir, tmp_path / "two", objective, text_files) + EXTRA + ["--micro_batch_size", "2"],
-              nproc=2)
+    assert (start["accum"], start["contrastive_batch"], start["negatives_per_example"]) == (
+        4,
+        "global",
+        16 * (views - 1) - 1,
+    )
+    run(
+        common_args(tiny_dir, tmp_path / "two", objective, text_files) + EXTRA + ["--micro_batch_size", "2"],
+        nproc=2,
+    )
     a = adapter(tmp_path / "full" / "final")
     for other in ("cached", "two"):
         b = adapter(tmp_path / other / "final")
@@ -102,8 +122,20 @@ def test_train_py_cached_equals_full_batch_and_two_processes(objective, tiny_dir
 
 
 def test_cached_resume_is_bitwise_identical(tiny_dir, text_files, tmp_path):
-    args = ["--batch_size", "16", "--micro_batch_size", "4", "--lora_dropout", "0.1", "--attention_dropout", "0.1",
-            "--max_steps", "4", "--save_every", "2"]
+    args = [
+        "--batch_size",
+        "16",
+        "--micro_batch_size",
+        "4",
+        "--lora_dropout",
+        "0.1",
+        "--attention_dropout",
+        "0.1",
+        "--max_steps",
+        "4",
+        "--save_every",
+        "2",
+    ]
     run(common_args(tiny_dir, tmp_path / "full", "simcse", text_files) + args)
     cut = common_args(tiny_dir, tmp_path / "cut", "simcse", text_files) + args
     run(cut + ["--stop_after_n_steps", "3"])

@@ -1,4 +1,5 @@
 """Loader errors: every bad folder names the file and the problem."""
+
 import json
 
 import pytest
@@ -86,8 +87,11 @@ def test_wrong_shape(folder):
     t = load_file(folder / "model.safetensors")
     t["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(8, 32)
     save_file(t, folder / "model.safetensors")
-    with pytest.raises(ValueError, match=r"model\.safetensors: tensor 'model\.layers\.0\.self_attn\.k_proj\.weight' "
-                                         r"has shape \(8, 32\), config\.json implies \(16, 32\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"model\.safetensors: tensor 'model\.layers\.0\.self_attn\.k_proj\.weight' "
+        r"has shape \(8, 32\), config\.json implies \(16, 32\)",
+    ):
         load_model(folder)
 
 
@@ -121,6 +125,7 @@ def test_cast_while_reading_is_exact(tmp_path, monkeypatch, group):
     """bf16 file -> float32 model (and back) through the grouped, threaded reader: exactly what
     safetensors' load_file gives, whatever the group size (1: one file opening per tensor)."""
     import l2v.checkpoint as ckpt
+
     monkeypatch.setattr(ckpt, "GROUP_ELEMENTS", group)
     torch.manual_seed(0)
     save_model(Transformer(ModelConfig(**TINY)), tmp_path / "m", dtype=torch.bfloat16)
@@ -143,31 +148,62 @@ def test_truncated_and_garbage_weight_files(folder):
         load_model(folder)
 
 
-GEMMA2 = dict(model_type="gemma2", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=4)
+GEMMA2 = dict(
+    model_type="gemma2",
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    sliding_window=4,
+)
 
 
-@pytest.mark.parametrize("changes,match", [
-    (dict(hidden_activation="relu"), r"unsupported hidden_activation 'relu'"),
-    (dict(hidden_activation="gelu"), r"unsupported hidden_activation 'gelu'"),  # exact GELU: not Gemma 2's
-    (dict(head_dim=None), r"missing head_dim"),
-    (dict(model_type="qwen3", head_dim=None), r"missing head_dim"),
-    (dict(layer_types=["sliding_attention", "chunked_attention"]),
-     r"unsupported layer_types entries \['chunked"),
-    (dict(layer_types=["full_attention"]), r"layer_types must be a list of num_hidden_layers \(2\)"),
-    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), r"unsupported rope_scaling type 'yarn'"),
-    (dict(model_type="qwen3", rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}),
-     r"unsupported rope_parameters type 'yarn'"),  # transformers 5's layout
-    (dict(model_type="gemma3_text", rope_parameters={"full_attention": {"rope_type": "default"},
-                                                     "sliding_attention": {"rope_type": "linear"}}),
-     r"unsupported rope_parameters.sliding_attention type 'linear'"),
-    (dict(model_type="gemma3_text", sliding_window_pattern=0), r"sliding_window_pattern must be a positive"),
-    (dict(attn_logit_softcapping="50"), r"attn_logit_softcapping must be a positive number"),
-    (dict(sliding_window=-1), r"sliding_window must be an integer >= 1"),
-    (dict(model_type="gemma3"), r"model_type 'gemma3' needs a text_config"),
-    (dict(model_type="gemma3", text_config=dict(hidden_activation="silu")),
-     r"text_config: unsupported hidden_activation 'silu'"),
-])
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        (dict(hidden_activation="relu"), r"unsupported hidden_activation 'relu'"),
+        (
+            dict(hidden_activation="gelu"),
+            r"unsupported hidden_activation 'gelu'",
+        ),  # exact GELU: not Gemma 2's
+        (dict(head_dim=None), r"missing head_dim"),
+        (dict(model_type="qwen3", head_dim=None), r"missing head_dim"),
+        (
+            dict(layer_types=["sliding_attention", "chunked_attention"]),
+            r"unsupported layer_types entries \['chunked",
+        ),
+        (dict(layer_types=["full_attention"]), r"layer_types must be a list of num_hidden_layers \(2\)"),
+        (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), r"unsupported rope_scaling type 'yarn'"),
+        (
+            dict(model_type="qwen3", rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}),
+            r"unsupported rope_parameters type 'yarn'",
+        ),  # transformers 5's layout
+        (
+            dict(
+                model_type="gemma3_text",
+                rope_parameters={
+                    "full_attention": {"rope_type": "default"},
+                    "sliding_attention": {"rope_type": "linear"},
+                },
+            ),
+            r"unsupported rope_parameters.sliding_attention type 'linear'",
+        ),
+        (
+            dict(model_type="gemma3_text", sliding_window_pattern=0),
+            r"sliding_window_pattern must be a positive",
+        ),
+        (dict(attn_logit_softcapping="50"), r"attn_logit_softcapping must be a positive number"),
+        (dict(sliding_window=-1), r"sliding_window must be an integer >= 1"),
+        (dict(model_type="gemma3"), r"model_type 'gemma3' needs a text_config"),
+        (
+            dict(model_type="gemma3", text_config=dict(hidden_activation="silu")),
+            r"text_config: unsupported hidden_activation 'silu'",
+        ),
+    ],
+)
 def test_bad_values_of_the_new_keys(tmp_path, changes, match):
     """One ValueError naming config.json and the key, for each value l2v cannot run faithfully."""
     (tmp_path / "config.json").write_text(json.dumps({**GEMMA2, **changes}))

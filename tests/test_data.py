@@ -1,4 +1,5 @@
 """Readers, MNTP blocks and masking statistics, rank-aware batching."""
+
 import json
 
 import pytest
@@ -15,6 +16,7 @@ from l2v.data import (
     read_examples,
     read_texts,
 )
+
 
 @pytest.fixture(scope="module")
 def tokenizer(tok):
@@ -69,8 +71,10 @@ def test_read_errors_name_file_and_line(tmp_path):
 
 def test_read_examples(tmp_path):
     p = tmp_path / "t.jsonl"
-    rows = [dict(query="q1", positive="p1", negative="n1", instruction="Find it", dataset="a"),
-            dict(query="q2", positive="p2", negative="n2")]
+    rows = [
+        dict(query="q1", positive="p1", negative="n1", instruction="Find it", dataset="a"),
+        dict(query="q2", positive="p2", negative="n2"),
+    ]
     p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     got = read_examples(p)
     assert got[0] == rows[0]
@@ -85,16 +89,23 @@ def test_read_examples(tmp_path):
 
 def test_read_scored_pairs(tmp_path):
     p = tmp_path / "pairs.jsonl"
-    p.write_text('{"sentence1": "a cat", "sentence2": "a dog", "score": 3.5}\n{"sentence1": "x", "sentence2": "y", "score": 1}\n')
+    p.write_text(
+        '{"sentence1": "a cat", "sentence2": "a dog", "score": 3.5}\n'
+        '{"sentence1": "x", "sentence2": "y", "score": 1}\n'
+    )
     got = read_examples(p, PAIR_FIELDS)
-    assert got == [dict(sentence1="a cat", sentence2="a dog", score=3.5, instruction=""),
-                   dict(sentence1="x", sentence2="y", score=1, instruction="")]
-    for line, err in [('{"sentence1": "a", "sentence2": "b"}', r'"score" must be a number, got None'),
-                      ('{"sentence1": "a", "sentence2": "b", "score": "4.2"}', r'"score" must be a number, got \'4.2\''),
-                      ('{"sentence1": "a", "sentence2": "b", "score": true}', r'"score" must be a number, got True'),
-                      ('{"sentence1": "a", "sentence2": "b", "score": NaN}', r'"score" must be a number, got nan'),
-                      ('{"sentence1": "a", "sentence2": " ", "score": 2}', r'"sentence2" is empty'),
-                      ('{"query": "a", "positive": "b", "score": 2}', r'object has no "sentence1"')]:
+    assert got == [
+        dict(sentence1="a cat", sentence2="a dog", score=3.5, instruction=""),
+        dict(sentence1="x", sentence2="y", score=1, instruction=""),
+    ]
+    for line, err in [
+        ('{"sentence1": "a", "sentence2": "b"}', r'"score" must be a number, got None'),
+        ('{"sentence1": "a", "sentence2": "b", "score": "4.2"}', r'"score" must be a number, got \'4.2\''),
+        ('{"sentence1": "a", "sentence2": "b", "score": true}', r'"score" must be a number, got True'),
+        ('{"sentence1": "a", "sentence2": "b", "score": NaN}', r'"score" must be a number, got nan'),
+        ('{"sentence1": "a", "sentence2": " ", "score": 2}', r'"sentence2" is empty'),
+        ('{"query": "a", "positive": "b", "score": 2}', r'object has no "sentence1"'),
+    ]:
         p.write_text(line + "\n")
         with pytest.raises(ValueError, match=rf"{p}:1: {err}"):
             read_examples(p, PAIR_FIELDS)
@@ -149,7 +160,9 @@ def test_mask_token_auto(tokenizer, tmp_path):
     from types import SimpleNamespace
 
     from conftest import TOKENIZER_DIR, TOKENIZER_FILES
+
     from l2v.tokenizer import Tokenizer
+
     assert mask_token_id(tokenizer, "auto") == mask_token_id(tokenizer) == 79
     for f in TOKENIZER_FILES:
         shutil.copy(TOKENIZER_DIR / f, tmp_path / f)
@@ -175,17 +188,25 @@ def make_batch(seed=0, B=64, T=512):
     lengths = torch.randint(T // 2, T + 1, (B,), generator=g)
     for b in range(B):
         if b % 2:  # right padding
-            attn[b, lengths[b]:] = 0
+            attn[b, lengths[b] :] = 0
         else:  # left padding
-            attn[b, :T - lengths[b]] = 0
+            attn[b, : T - lengths[b]] = 0
     ids[attn == 0] = 5  # a pad id that is NOT special: only attention_mask can exclude it
     return ids, attn
 
 
 def run_mask(ids, attn, seed=1, mode="80_10_10"):
     g = torch.Generator().manual_seed(seed)
-    return mask_tokens(ids, mask_id=MASK, special_ids=SPECIAL, vocab_size=V, probability=0.2, mode=mode,
-                       generator=g, attention_mask=attn)
+    return mask_tokens(
+        ids,
+        mask_id=MASK,
+        special_ids=SPECIAL,
+        vocab_size=V,
+        probability=0.2,
+        mode=mode,
+        generator=g,
+        attention_mask=attn,
+    )
 
 
 def eligible_positions(ids, attn):
@@ -232,8 +253,14 @@ def test_mask_all_mask_mode_and_determinism():
 
 def test_mask_without_attention_mask_still_skips_position_0():
     ids = torch.randint(3, V, (32, 128), generator=torch.Generator().manual_seed(0))
-    masked, labels = mask_tokens(ids, mask_id=MASK, special_ids=SPECIAL, vocab_size=V, probability=1.0,
-                                 generator=torch.Generator().manual_seed(0))
+    masked, labels = mask_tokens(
+        ids,
+        mask_id=MASK,
+        special_ids=SPECIAL,
+        vocab_size=V,
+        probability=1.0,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert (labels[:, 0] == -100).all() and (labels[:, 1:] == ids[:, 1:]).all()
     with pytest.raises(ValueError, match="masking mode"):
         mask_tokens(ids, mask_id=MASK, special_ids=SPECIAL, vocab_size=V, mode="90_10")

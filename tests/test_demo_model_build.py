@@ -1,4 +1,5 @@
 """Unit tests for scripts/build_demo_model.py that need no network, no wheel and no `gguf` package."""
+
 import importlib.util
 import json
 from pathlib import Path
@@ -47,20 +48,32 @@ def test_float32_metadata_is_written_as_the_intended_decimal():
 def tiny_meta() -> dict:
     tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "a", "b", "ab", "1", "Ġ", "Ġab"]
     return {
-        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm",
-        "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": [3, 3, 3] + [1] * 6,
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "smollm",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": [3, 3, 3] + [1] * 6,
         "tokenizer.ggml.merges": ["a b", "Ġ ab"],
-        "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
-        "tokenizer.ggml.padding_token_id": 2, "tokenizer.ggml.unknown_token_id": 0,
-        "tokenizer.chat_template": "{{ x }}", "llama.context_length": 128, "llama.vocab_size": 9,
-        "llama.embedding_length": 16, "llama.attention.head_count": 2, "llama.attention.head_count_kv": 1,
-        "llama.feed_forward_length": 32, "llama.block_count": 2, "llama.rope.dimension_count": 8,
-        "llama.rope.freq_base": 10000.0, "llama.attention.layer_norm_rms_epsilon": float(np.float32(1e-5)),
+        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.ggml.padding_token_id": 2,
+        "tokenizer.ggml.unknown_token_id": 0,
+        "tokenizer.chat_template": "{{ x }}",
+        "llama.context_length": 128,
+        "llama.vocab_size": 9,
+        "llama.embedding_length": 16,
+        "llama.attention.head_count": 2,
+        "llama.attention.head_count_kv": 1,
+        "llama.feed_forward_length": 32,
+        "llama.block_count": 2,
+        "llama.rope.dimension_count": 8,
+        "llama.rope.freq_base": 10000.0,
+        "llama.attention.layer_norm_rms_epsilon": float(np.float32(1e-5)),
     }
 
 
 def test_tokenizer_special_tokens_digits_and_no_bos():
     from tokenizers import Tokenizer
+
     text = bdm.build_tokenizer(tiny_meta())
     assert json.loads(text)["model"]["merges"] == ["a b", "Ġ ab"]  # legacy string form
     tok = Tokenizer.from_str(text)
@@ -90,9 +103,11 @@ def test_incomplete_folder_is_not_already_built(tmp_path):
 def test_complete_folder_is_already_built(tmp_path):
     import torch
     from safetensors.torch import save_file
+
     cfg = bdm.hf_config(tiny_meta(), tied=True) | {"num_hidden_layers": 1}
     names = ["model.embed_tokens.weight", "model.norm.weight"] + [
-        f"model.layers.0.{m}.weight" for m in bdm.LAYER_NAMES.values()]
+        f"model.layers.0.{m}.weight" for m in bdm.LAYER_NAMES.values()
+    ]
     tensors = {n: torch.zeros(9, 16, dtype=torch.bfloat16) for n in names}
     for name in bdm.OUTPUT_FILES[:-1]:
         (tmp_path / name).write_text(json.dumps(cfg))

@@ -3,6 +3,7 @@
 The preparation tests need only the tokenizer; model tests use a tiny random model (real vocabulary,
 so the real tokenizer drives it) and, when built, the demo model.
 """
+
 import json
 
 import numpy as np
@@ -40,6 +41,7 @@ PAIRS = [("Retrieve semantically similar text:", s) for s in SENTENCES[:4]] + [(
 
 # ---- pooling: weights per text, then weighted sums over a packed layout ----
 
+
 def close(a, b):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b, dtype=np.float32), rtol=0, atol=1e-6)
 
@@ -63,7 +65,7 @@ def test_pool_weights():
 
 
 def test_pool_on_packed_rows():
-    H = torch.arange(12.).view(1, 6, 2)  # one row: text 1 at positions 0-2, text 0 at 3-4, padding at 5
+    H = torch.arange(12.0).view(1, 6, 2)  # one row: text 1 at positions 0-2, text 0 at 3-4, padding at 5
     weights = torch.tensor([[0.5, 0.5, 0, 0.25, 0.75, 0]])
     index = torch.tensor([[1, 1, 1, 0, 0, 0]])
     close(pool(H, weights, index, 2), [[0.25 * 6 + 0.75 * 8, 0.25 * 7 + 0.75 * 9], [1, 2]])
@@ -81,6 +83,7 @@ def test_pack_fills_rows():
 
 
 # ---- preparation: exactly what llm2vec fed the model ----
+
 
 @pytest.mark.parametrize("key", ["standard.pairs", "standard.docs", "eos_token.pairs", "eos_token.docs"])
 def test_prepare_matches_llm2vec(tok, records, key):
@@ -166,7 +169,9 @@ def test_chat_template_outside_embed_mask(tok):
     with pytest.raises(ValueError, match="not in this vocabulary"):
         Encoder(None, tok, chat_template="llama3")
     # the template's closing token survives the max_length cut
-    ids, mask = Encoder(None, tok, chat_template="chatml", max_length=8).prepare("", "one two three four five six seven")
+    ids, mask = Encoder(None, tok, chat_template="chatml", max_length=8).prepare(
+        "", "one two three four five six seven"
+    )
     assert len(ids) == 8 and ids[-1] == tok.token_id("<|im_end|>") and sum(mask) <= 8 - 4
 
 
@@ -178,7 +183,8 @@ def test_chat_template_as_upstream(tok):
     assert ids == tok.encode("<|im_start|>user\nFind it: Hello world<|im_end|>")
     assert [i for i, m in zip(ids, mask) if m] == tok.encode(" Hello world<|im_end|>")
     ids, mask = Encoder(None, tok, chat_template="chatml", upstream_template=True, max_length=8).prepare(
-        "", "one two three four five six seven")
+        "", "one two three four five six seven"
+    )
     assert ids == tok.encode("<|im_start|>user\none two three four five six seven")[:8] and sum(mask) == 8
     enc = Encoder(None, tok, chat_template="mistral", upstream_template=True, pooling="eos_token")
     ids, _ = enc.prepare("", "Hi")
@@ -188,6 +194,7 @@ def test_chat_template_as_upstream(tok):
 
 
 # ---- encoding with a model ----
+
 
 @pytest.mark.parametrize("is_causal", [False, True])
 @pytest.mark.parametrize("mode", MODES)
@@ -263,10 +270,18 @@ def test_from_pretrained_reads_llm2vec_config(tmp_path, tok):
     enc = Encoder.from_pretrained(tmp_path)
     assert (enc.pooling, enc.max_length, enc.doc_max_length, enc.skip_instruction) == ("mean", 512, 400, True)
     assert enc.model.config.is_causal is False and enc.eos_suffix == " </s>"
-    (tmp_path / CONFIG_FILE).write_text(json.dumps(
-        dict(pooling_mode="weighted_mean", max_length=128, doc_max_length=100, skip_instruction=False)))
+    (tmp_path / CONFIG_FILE).write_text(
+        json.dumps(
+            dict(pooling_mode="weighted_mean", max_length=128, doc_max_length=100, skip_instruction=False)
+        )
+    )
     enc = Encoder.from_pretrained(tmp_path, is_causal=True)
-    assert (enc.pooling, enc.max_length, enc.doc_max_length, enc.skip_instruction) == ("weighted_mean", 128, 100, False)
+    assert (enc.pooling, enc.max_length, enc.doc_max_length, enc.skip_instruction) == (
+        "weighted_mean",
+        128,
+        100,
+        False,
+    )
     assert enc.model.config.is_causal is True
     enc = Encoder.from_pretrained(tmp_path, pooling="last_token", dtype="bfloat16")  # arguments win
     assert enc.pooling == "last_token" and enc.model.embed_tokens.weight.dtype == torch.bfloat16
@@ -281,6 +296,7 @@ def test_from_pretrained_takes_prompt_and_attention_from_the_adapters_run(tmp_pa
     import encode
     from l2v.adapters import save_adapter
     from l2v.lora import add_lora
+
     model = tiny_model()
     add_lora(model, r=2, alpha=4.0, dropout=0.0)
     for p in model.parameters():  # a trained adapter: B is no longer zero
@@ -292,7 +308,9 @@ def test_from_pretrained_takes_prompt_and_attention_from_the_adapters_run(tmp_pa
     (run / "train_config.json").write_text(json.dumps(dict(prompt=prompt, is_causal=True, lr=1e-4)))
     enc = Encoder.from_pretrained(tiny_dir, adapters=[run])
     assert (enc.prompt, enc.pooling, enc.model.config.is_causal) == (prompt, "last_token", True)
-    told = Encoder.from_pretrained(tiny_dir, adapters=[run], is_causal=True, pooling="last_token", prompt=prompt)
+    told = Encoder.from_pretrained(
+        tiny_dir, adapters=[run], is_causal=True, pooling="last_token", prompt=prompt
+    )
     np.testing.assert_array_equal(enc.encode(SENTENCES), told.encode(SENTENCES))
     plain = Encoder.from_pretrained(tiny_dir, adapters=[run], is_causal=False, prompt="")  # arguments win
     assert (plain.prompt, plain.model.config.is_causal) == (None, False)
@@ -300,10 +318,15 @@ def test_from_pretrained_takes_prompt_and_attention_from_the_adapters_run(tmp_pa
     encode.main(["--model", str(tiny_dir), "--adapter", str(run), "--text", "a cat", "--text", "a dog"])
     out = capsys.readouterr().out
     assert "settings: causal attention, last_token pooling" in out and f"prompt {prompt!r}" in out
-    encode.main(["--model", str(tiny_dir), "--adapter", str(run), "--no-causal", "--text", "a cat", "--text", "a dog"])
+    encode.main(
+        ["--model", str(tiny_dir), "--adapter", str(run), "--no-causal", "--text", "a cat", "--text", "a dog"]
+    )
     assert "settings: bidirectional attention, last_token pooling" in capsys.readouterr().out
-    for name, bad in (("train_config.json", dict(prompt="no slot")), ("train_config.json", dict(is_causal="yes")),
-                      (CONFIG_FILE, dict(pooling_mode=3))):  # a bad value names its file, before any weights load
+    for name, bad in (
+        ("train_config.json", dict(prompt="no slot")),
+        ("train_config.json", dict(is_causal="yes")),
+        (CONFIG_FILE, dict(pooling_mode=3)),
+    ):  # a bad value names its file, before any weights load
         (run / name).write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=rf"{name}: {next(iter(bad))}: unusable value"):
             Encoder.from_pretrained(tiny_dir, adapters=[run])
@@ -330,6 +353,7 @@ def test_autocast_close_to_fp32(tok):
 
 # ---- encode.py (the CLI) on a tiny model folder ----
 
+
 def test_cli_texts_files_and_order(tiny_dir, tmp_path, capsys):
     import encode
 
@@ -338,14 +362,29 @@ def test_cli_texts_files_and_order(tiny_dir, tmp_path, capsys):
     jsonl = tmp_path / "t.jsonl"
     jsonl.write_text('{"text": "third text"}\n\n{"text": "fourth text", "instruction": "Own instruction:"}\n')
     out = tmp_path / "e.npy"
-    emb = encode.main(["--model", str(tiny_dir), "--text", "zeroth text", "--file", str(txt),
-                       "--instruction", "Query:", "--out", str(out), "--normalize"])
+    emb = encode.main(
+        [
+            "--model",
+            str(tiny_dir),
+            "--text",
+            "zeroth text",
+            "--file",
+            str(txt),
+            "--instruction",
+            "Query:",
+            "--out",
+            str(out),
+            "--normalize",
+        ]
+    )
     assert "cosine similarity" in capsys.readouterr().out
     saved = np.load(out)
     assert saved.dtype == np.float32 and saved.shape == (3, 64)
     np.testing.assert_array_equal(saved, emb)
     enc = Encoder.from_pretrained(tiny_dir, autocast="auto")  # as encode.py: bf16 matmuls where they are fast
-    want = enc.encode([("Query:", "zeroth text"), ("Query:", "first text"), ("Query:", "second text")], normalize=True)
+    want = enc.encode(
+        [("Query:", "zeroth text"), ("Query:", "first text"), ("Query:", "second text")], normalize=True
+    )
     np.testing.assert_allclose(saved, want, atol=1e-6)
     emb = encode.main(["--model", str(tiny_dir), "--file", str(jsonl), "--instruction", "Query:"])
     want = enc.encode([("Query:", "third text"), ("Own instruction:", "fourth text")])

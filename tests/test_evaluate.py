@@ -1,5 +1,6 @@
 """eval.py: metrics against hand-computed values (and scipy), readers on tiny fixtures (the format
 pitfalls of ../shared/data/README.md), end-to-end scoring with a fake encoder, counts on the real files."""
+
 import json
 import math
 import types
@@ -35,7 +36,9 @@ def write(path, text):
     path.write_text(text, encoding="utf-8", newline="")
     return path
 
+
 # ---------------------------------------------------------------- metrics
+
 
 def test_rankdata_average_ties():
     assert harness.rankdata([10, 20, 20, 5, 20]).tolist() == [2, 4, 4, 1, 4]
@@ -71,7 +74,9 @@ def test_ndcg_and_recall_hand_computed():
     assert harness.ndcg_at_k(["a"] + ranking, qrel, 1) == pytest.approx(1.0)  # ideal cut at k too
     assert harness.recall_at_k(ranking, qrel, 2) == 0.5
     assert harness.recall_at_k(ranking, qrel, 100) == 1.0
-    assert harness.ndcg_at_k(ranking, {"c": 0}, 10) == 0.0 and harness.recall_at_k(ranking, {"c": 0}, 10) == 0.0
+    assert (
+        harness.ndcg_at_k(ranking, {"c": 0}, 10) == 0.0 and harness.recall_at_k(ranking, {"c": 0}, 10) == 0.0
+    )
 
 
 def test_top_k_chunked_matches_full_sort():
@@ -81,13 +86,17 @@ def test_top_k_chunked_matches_full_sort():
     assert (harness.top_k(q, d, 12, chunk=5) == full[:, :12]).all()
     assert (harness.top_k(q, d, 100, chunk=8) == full).all()  # k > N: every doc, sorted
 
+
 # ---------------------------------------------------------------- readers
 
+
 def test_read_stsb_tabs_quotes_extra_fields(tmp_path):
-    p = write(tmp_path / "sts.csv",
-              'main-captions\tMSRvid\t2012test\t0024\t2.500\tA girl is "styling" her hair.\tA girl brushes.\n'
-              'main-forums\tanswer-answer\t2016\t0008\t3\tOne "quote only.\tTwo. \tsrc A\tsrc B\r\n'
-              '\n')
+    p = write(
+        tmp_path / "sts.csv",
+        'main-captions\tMSRvid\t2012test\t0024\t2.500\tA girl is "styling" her hair.\tA girl brushes.\n'
+        'main-forums\tanswer-answer\t2016\t0008\t3\tOne "quote only.\tTwo. \tsrc A\tsrc B\r\n'
+        "\n",
+    )
     s1, s2, gold = harness.read_stsb(p)
     assert s1 == ['A girl is "styling" her hair.', 'One "quote only.']
     assert s2 == ["A girl brushes.", "Two."]
@@ -106,17 +115,21 @@ def test_read_stsb_errors(tmp_path):
 
 
 def test_read_sick(tmp_path):
-    p = write(tmp_path / "SICK_trial.txt",
-              "pair_ID\tsentence_A\tsentence_B\trelatedness_score\tentailment_judgment\r\n"
-              "4\tThe boys play\tNo boy plays\t3.6\tCONTRADICTION\r\n"
-              "24\tA person rides\tA skilled person rides\t4.5\tNEUTRAL\r\n")
+    p = write(
+        tmp_path / "SICK_trial.txt",
+        "pair_ID\tsentence_A\tsentence_B\trelatedness_score\tentailment_judgment\r\n"
+        "4\tThe boys play\tNo boy plays\t3.6\tCONTRADICTION\r\n"
+        "24\tA person rides\tA skilled person rides\t4.5\tNEUTRAL\r\n",
+    )
     s1, s2, gold = harness.read_sick(p)
     assert s1 == ["The boys play", "A person rides"] and s2[1] == "A skilled person rides"
     assert gold.tolist() == [3.6, 4.5]
     with pytest.raises(ValueError, match=r"x.txt:1: header lacks column\(s\) \['relatedness_score'\]"):
         harness.read_sick(write(tmp_path / "x.txt", "pair_ID\tsentence_A\tsentence_B\n1\ta\tb\n"))
     with pytest.raises(ValueError, match=r"y.txt:3: relatedness_score"):
-        harness.read_sick(write(tmp_path / "y.txt", "sentence_A\tsentence_B\trelatedness_score\na\tb\t1\na\tb\t?\n"))
+        harness.read_sick(
+            write(tmp_path / "y.txt", "sentence_A\tsentence_B\trelatedness_score\na\tb\t1\na\tb\t?\n")
+        )
 
 
 def test_read_sts_year_drops_unscored_and_reads_sts16(tmp_path):
@@ -151,13 +164,17 @@ def test_read_sts_year_errors(tmp_path):
 
 
 def beir_folder(root, header):
-    write(root / "corpus.jsonl",
-          '{"_id": "d1", "title": "Paris", "text": "capital of France"}\n'
-          '{"_id": "d2", "title": "", "text": "a page on bread"}\n'
-          '{"_id": "d3", "text": "no title key"}\n')
+    write(
+        root / "corpus.jsonl",
+        '{"_id": "d1", "title": "Paris", "text": "capital of France"}\n'
+        '{"_id": "d2", "title": "", "text": "a page on bread"}\n'
+        '{"_id": "d3", "text": "no title key"}\n',
+    )
     write(root / "queries.jsonl", '{"_id": "q1", "text": "french capital"}\n{"_id": "q2", "text": "bread"}\n')
-    write(root / "qrels" / "test.tsv",
-          ("query-id\tcorpus-id\tscore\n" if header else "") + "q1\td1\t2\nq1\td3\t0\nq2\td2\t1\n")
+    write(
+        root / "qrels" / "test.tsv",
+        ("query-id\tcorpus-id\tscore\n" if header else "") + "q1\td1\t2\nq1\td3\t0\nq2\td2\t1\n",
+    )
     return root
 
 
@@ -232,8 +249,11 @@ def test_read_cranfield_positional_queries_and_codes(tmp_path):
     write(tmp_path / "cran.qry", CRAN_QRY)
     write(tmp_path / "cranqrel", "1 1 2\n1 3 -1\n2 3 1 \n2 1 4\n")  # query 2 = the one with .I 004
     corpus, queries, qrels = harness.read_cranfield(tmp_path)
-    assert corpus == {"1": "flow over a wing . lift and drag of a wing in a slipstream .", "2": "",
-                      "3": "heat transfer . the heat flux at the wall . stray marker: this line is still abstract text ."}
+    assert corpus == {
+        "1": "flow over a wing . lift and drag of a wing in a slipstream .",
+        "2": "",
+        "3": "heat transfer . the heat flux at the wall . stray marker: this line is still abstract text .",
+    }
     assert queries == {"1": "wing lift in a slipstream", "2": "heat flux at a wall"}
     assert qrels == {"1": {"1": 3, "3": 0}, "2": {"3": 4, "1": 1}}  # gain = 5 - code, -1 -> 0
     assert harness.read_cranfield(tmp_path, graded=False)[2] == {"1": {"1": 1, "3": 0}, "2": {"3": 1, "1": 1}}
@@ -254,12 +274,16 @@ def test_read_cranfield_positional_queries_and_codes(tmp_path):
     with pytest.raises(ValueError, match=r"cran.qry:1: malformed record header"):
         harness.read_cranfield(tmp_path)
 
+
 # ---------------------------------------------------------------- end to end with a fake encoder
+
 
 def test_evaluate_sts_dedupes_and_instructs():
     s2 = ["a b c d", "a b c x", "a b y x", "a z y x", "w z y x"]  # overlap with "a b c d": 4..0 words
     enc = HashEncoder()
-    score = harness.evaluate_sts(enc, ["a b c d"] * 5, s2, [5, 4, 3, 2, 1], instruction="Retrieve similar text.")
+    score = harness.evaluate_sts(
+        enc, ["a b c d"] * 5, s2, [5, 4, 3, 2, 1], instruction="Retrieve similar text."
+    )
     assert score == pytest.approx(100.0)
     assert len(enc.calls) == 1 and len(enc.calls[0]) == 5  # "a b c d" encoded once
     assert all(x == ("Retrieve similar text.", x[1]) for x in enc.calls[0])
@@ -278,7 +302,11 @@ def test_evaluate_retrieval_end_to_end():
     enc = HashEncoder()
     r = harness.evaluate_retrieval(enc, corpus, queries, qrels, query_instruction="Find it:")
     assert r["n"] == 3  # q_unjudged has no relevant doc: skipped
-    assert enc.calls[0] == [("Find it:", "topic3 word3"), ("Find it:", "topic7"), ("Find it:", "topic9 word9 topic10")]
+    assert enc.calls[0] == [
+        ("Find it:", "topic3 word3"),
+        ("Find it:", "topic7"),
+        ("Find it:", "topic9 word9 topic10"),
+    ]
     assert len(enc.calls[1]) == 30 and all(isinstance(x, str) for x in enc.calls[1])
     # q1, q2 rank their doc first (nDCG 1); q3 ranks d9 (2 words shared) above the better d10 (1 word)
     ndcg_q3 = (1 + 2 / math.log2(3)) / (2 + 1 / math.log2(3))
@@ -287,13 +315,25 @@ def test_evaluate_retrieval_end_to_end():
 
 
 def test_run_task_and_registry(tmp_path):
-    write(tmp_path / "stsbenchmark" / "sts-dev.csv",
-          "".join(f"g\tf\ty\t{i}\t{5 - i}\ta b c d\t{s}\n"
-                  for i, s in enumerate(["a b c d", "a b c x", "a b y x", "a z y x", "w z y x"])))
+    write(
+        tmp_path / "stsbenchmark" / "sts-dev.csv",
+        "".join(
+            f"g\tf\ty\t{i}\t{5 - i}\ta b c d\t{s}\n"
+            for i, s in enumerate(["a b c d", "a b c x", "a b y x", "a z y x", "w z y x"])
+        ),
+    )
     r = harness.run_task(HashEncoder(), "stsb-dev", harness.TASKS["stsb-dev"].load(tmp_path))
     assert r["task"] == "stsb-dev" and r["n"] == 5 and r["scores"]["spearman"] == pytest.approx(100.0)
     assert harness.resolve_tasks("dev, stsb-dev,cranfield") == ["stsb-dev", "sick-r-trial", "cranfield"]
-    assert harness.resolve_tasks("sts") == ["stsb-test", "sick-r-test", "sts12", "sts13", "sts14", "sts15", "sts16"]
+    assert harness.resolve_tasks("sts") == [
+        "stsb-test",
+        "sick-r-test",
+        "sts12",
+        "sts13",
+        "sts14",
+        "sts15",
+        "sts16",
+    ]
     with pytest.raises(ValueError, match="unknown task 'stsb'"):
         harness.resolve_tasks("stsb")
     with pytest.raises(ValueError, match="unknown task ''"):
@@ -304,18 +344,29 @@ def test_run_task_and_registry(tmp_path):
 
 def test_eval_cli_with_fake_encoder(tmp_path, monkeypatch, capsys):
     import l2v.encoder
-    write(tmp_path / "data" / "stsbenchmark" / "sts-dev.csv", "g\tf\ty\t0\t5\ta b\ta b\ng\tf\ty\t1\t0\ta b\tc d\n")
-    # test sets scoring -100 (gold inverted) and +100: their average is 0, with the dev set's 100 it would be 33.3
-    write(tmp_path / "data" / "stsbenchmark" / "sts-test.csv", "g\tf\ty\t0\t0\ta b\ta b\ng\tf\ty\t1\t5\ta b\tc d\n")
-    write(tmp_path / "data" / "sick" / "SICK_test_annotated.txt", "pair_ID\tsentence_A\tsentence_B\trelatedness_score\n"
-          "1\ta b\ta b\t5\n2\ta b\tc d\t1\n")
+
+    write(
+        tmp_path / "data" / "stsbenchmark" / "sts-dev.csv",
+        "g\tf\ty\t0\t5\ta b\ta b\ng\tf\ty\t1\t0\ta b\tc d\n",
+    )
+    # test sets scoring -100 (gold inverted) and +100: their average is 0, with the dev set's 100 it
+    # would be 33.3
+    write(
+        tmp_path / "data" / "stsbenchmark" / "sts-test.csv",
+        "g\tf\ty\t0\t0\ta b\ta b\ng\tf\ty\t1\t5\ta b\tc d\n",
+    )
+    write(
+        tmp_path / "data" / "sick" / "SICK_test_annotated.txt",
+        "pair_ID\tsentence_A\tsentence_B\trelatedness_score\n1\ta b\ta b\t5\n2\ta b\tc d\t1\n",
+    )
     beir_folder(tmp_path / "data" / "retrieval" / "agentset_msmarco_subset", header=False)
     calls = {}
 
     class FakeEncoder(HashEncoder):
         pooling, autocast, prompt, settings_sources = "mean", None, None, []
-        model = types.SimpleNamespace(config=types.SimpleNamespace(is_causal=True, dim=8),
-                                      parameters=lambda: iter([torch.zeros(1)]))
+        model = types.SimpleNamespace(
+            config=types.SimpleNamespace(is_causal=True, dim=8), parameters=lambda: iter([torch.zeros(1)])
+        )
 
         @classmethod
         def from_pretrained(cls, model_dir, **kw):
@@ -324,20 +375,52 @@ def test_eval_cli_with_fake_encoder(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(l2v.encoder, "Encoder", FakeEncoder)
     out = tmp_path / "res" / "r.json"
-    eval_cli.main(["--model", "M", "--causal", "--adapter", "A1", "--adapter", "A2", "--tasks", "stsb-dev,msmarco-subset,stsb-test,sick-r-test",
-              "--data-dir", str(tmp_path / "data"), "--out", str(out), "--dtype", "bfloat16"])
+    eval_cli.main(
+        [
+            "--model",
+            "M",
+            "--causal",
+            "--adapter",
+            "A1",
+            "--adapter",
+            "A2",
+            "--tasks",
+            "stsb-dev,msmarco-subset,stsb-test,sick-r-test",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--out",
+            str(out),
+            "--dtype",
+            "bfloat16",
+        ]
+    )
     assert calls["model_dir"] == "M" and calls["adapters"] == ["A1", "A2"] and calls["is_causal"] is True
     assert calls["dtype"] == "bfloat16"
     saved = json.loads(out.read_text())
-    assert (saved["args"]["causal"], saved["args"]["pooling"], saved["args"]["prompt"]) == (True, "mean", None)
+    assert (saved["args"]["causal"], saved["args"]["pooling"], saved["args"]["prompt"]) == (
+        True,
+        "mean",
+        None,
+    )
     results = saved["results"]
-    assert [r["task"] for r in results] == ["stsb-dev", "msmarco-subset", "stsb-test", "sick-r-test", "sts-avg"]
-    assert [r["scores"]["spearman"] for r in results[2:]] == [pytest.approx(-100.0), pytest.approx(100.0), pytest.approx(0.0)]
+    assert [r["task"] for r in results] == [
+        "stsb-dev",
+        "msmarco-subset",
+        "stsb-test",
+        "sick-r-test",
+        "sts-avg",
+    ]
+    assert [r["scores"]["spearman"] for r in results[2:]] == [
+        pytest.approx(-100.0),
+        pytest.approx(100.0),
+        pytest.approx(0.0),
+    ]
     assert results[4]["n"] == 2
     assert results[0]["scores"]["spearman"] == pytest.approx(100.0)
     assert results[1]["scores"]["recall@100"] == pytest.approx(100.0)
     table = capsys.readouterr().out
     assert "stsb-dev" in table and "ndcg@10" in table
+
 
 # ---------------------------------------------------------------- the real files, when present
 
@@ -345,9 +428,20 @@ real = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data not present"
 
 
 @real
-@pytest.mark.parametrize("task,n", [("stsb-dev", 1500), ("stsb-test", 1379), ("sick-r-trial", 500),
-                                    ("sick-r-test", 4927), ("sts12", 3108), ("sts13", 1500), ("sts14", 3750),
-                                    ("sts15", 3000), ("sts16", 1186)])
+@pytest.mark.parametrize(
+    "task,n",
+    [
+        ("stsb-dev", 1500),
+        ("stsb-test", 1379),
+        ("sick-r-trial", 500),
+        ("sick-r-test", 4927),
+        ("sts12", 3108),
+        ("sts13", 1500),
+        ("sts14", 3750),
+        ("sts15", 3000),
+        ("sts16", 1186),
+    ],
+)
 def test_real_sts_counts(task, n):
     s1, s2, gold = harness.TASKS[task].load(DATA)
     assert len(s1) == len(s2) == len(gold) == n
@@ -366,12 +460,15 @@ def test_real_retrieval_counts():
         assert len(corpus) == 5000 and len(queries) == 50 and len(qrels) == n_judged
 
 
-@pytest.mark.parametrize("content,words", [
-    ("g\tf\ty\t0\t5\ta b\t  \ng\tf\ty\t1\t1\tc\td\n", ["sts-dev.csv:1", "sentence is empty"]),
-    ("g\tf\ty\t0\tnan\ta\tb\ng\tf\ty\t1\t1\tc\td\n", ["sts-dev.csv:1", "not a finite number"]),
-    ("\n\n", ["sts-dev.csv", "no scored pairs"]),
-    ("g\tf\ty\t0\t2\ta\tb\ng\tf\ty\t1\t2\tc\td\n", ["every gold score is 2.0", "undefined"]),
-])
+@pytest.mark.parametrize(
+    "content,words",
+    [
+        ("g\tf\ty\t0\t5\ta b\t  \ng\tf\ty\t1\t1\tc\td\n", ["sts-dev.csv:1", "sentence is empty"]),
+        ("g\tf\ty\t0\tnan\ta\tb\ng\tf\ty\t1\t1\tc\td\n", ["sts-dev.csv:1", "not a finite number"]),
+        ("\n\n", ["sts-dev.csv", "no scored pairs"]),
+        ("g\tf\ty\t0\t2\ta\tb\ng\tf\ty\t1\t2\tc\td\n", ["every gold score is 2.0", "undefined"]),
+    ],
+)
 def test_sts_sets_whose_metric_cannot_be_computed_are_refused(tmp_path, content, words):
     path = write(tmp_path / "sts-dev.csv", content)
     with pytest.raises(ValueError) as e:

@@ -1,5 +1,6 @@
 """Hub ids resolved from a local cache in the hub's layout (a temp HF_HOME, HF_HUB_OFFLINE=1): the APIs and
 every command line that takes a model or adapter folder. Nothing is downloaded."""
+
 import hashlib
 import json
 import os
@@ -17,9 +18,9 @@ import encode
 import eval as eval_cli
 import train
 from l2v import LLM2Vec
+from l2v.adapters import save_adapter
 from l2v.encoder import Encoder
 from l2v.hub import resolve, resolve_model
-from l2v.adapters import save_adapter
 from l2v.lora import add_lora
 
 pytest.importorskip("huggingface_hub")
@@ -58,9 +59,16 @@ def hub_home(tmp_path_factory, tiny_dir):
     cache_repo(hub, "l2v-test/tiny", {f.name: f for f in tiny_dir.iterdir()})
     cache_repo(hub, "l2v-test/tiny-lora", {f.name: f for f in adapter.iterdir()})
     settings = json.dumps({"pooling_mode": "weighted_mean"})
-    cache_repo(hub, "l2v-test/tiny-mntp", {**{f.name: f for f in adapter.iterdir()}, **tokenizer,
-                                           "config.json": tiny_dir / "config.json",
-                                           "llm2vec_config.json": settings})
+    cache_repo(
+        hub,
+        "l2v-test/tiny-mntp",
+        {
+            **{f.name: f for f in adapter.iterdir()},
+            **tokenizer,
+            "config.json": tiny_dir / "config.json",
+            "llm2vec_config.json": settings,
+        },
+    )
     return home
 
 
@@ -79,8 +87,10 @@ def test_resolve(offline, tmp_path, monkeypatch, tiny_dir):
     assert resolve("l2v-test/tiny") == snap and resolve(f"l2v-test/tiny@{COMMIT}") == snap
     base, adapters, tok = resolve_model("l2v-test/tiny-mntp", ["l2v-test/tiny-lora"])
     assert base == snap and tok.parent.parent.name == "models--l2v-test--tiny-mntp"
-    assert [a.parent.parent.name for a in adapters] == ["models--l2v-test--tiny-mntp",
-                                                         "models--l2v-test--tiny-lora"]
+    assert [a.parent.parent.name for a in adapters] == [
+        "models--l2v-test--tiny-mntp",
+        "models--l2v-test--tiny-lora",
+    ]
     with pytest.raises(OSError) as e:
         resolve("l2v-test/missing", "adapter")
     message = str(e.value)
@@ -106,30 +116,76 @@ def test_apis_resolve_ids(offline, tiny_dir):
     got = Encoder.from_pretrained("l2v-test/tiny", adapters=["l2v-test/tiny-lora"], autocast="none")
     np.testing.assert_array_equal(got.encode(TEXTS), want)
     # an adapter repository as the model: its base model from the cache, itself merged first
-    np.testing.assert_array_equal(Encoder.from_pretrained("l2v-test/tiny-mntp", autocast="none",
-                                                          pooling="mean").encode(TEXTS), want)
+    np.testing.assert_array_equal(
+        Encoder.from_pretrained("l2v-test/tiny-mntp", autocast="none", pooling="mean").encode(TEXTS), want
+    )
     l2v = LLM2Vec.from_pretrained("l2v-test/tiny-mntp", pooling_mode="mean")
     np.testing.assert_allclose(l2v.encode(TEXTS, convert_to_numpy=True), want, rtol=0, atol=1e-6)
     assert LLM2Vec.from_pretrained("l2v-test/tiny-mntp").pooling_mode == "weighted_mean"
-    same = LLM2Vec.from_pretrained("l2v-test/tiny", peft_model_name_or_path="l2v-test/tiny-lora",
-                                   revision=COMMIT)
+    same = LLM2Vec.from_pretrained(
+        "l2v-test/tiny", peft_model_name_or_path="l2v-test/tiny-lora", revision=COMMIT
+    )
     np.testing.assert_allclose(same.encode(TEXTS, convert_to_numpy=True), want, rtol=0, atol=1e-6)
 
 
 def test_command_lines_resolve_ids(offline, tmp_path, text_files, capsys):
-    emb = encode.main(["--model", "l2v-test/tiny", "--adapter", "l2v-test/tiny-lora", "--text", TEXTS[0],
-                       "--text", TEXTS[1], "--autocast", "none"])
+    emb = encode.main(
+        [
+            "--model",
+            "l2v-test/tiny",
+            "--adapter",
+            "l2v-test/tiny-lora",
+            "--text",
+            TEXTS[0],
+            "--text",
+            TEXTS[1],
+            "--autocast",
+            "none",
+        ]
+    )
     assert emb.shape == (2, 64)
     (tmp_path / "data" / "stsbenchmark").mkdir(parents=True)
     shutil.copy(text_files / "sts-dev.csv", tmp_path / "data" / "stsbenchmark" / "sts-dev.csv")
-    res = eval_cli.main(["--model", "l2v-test/tiny-mntp", "--tasks", "stsb-dev",
-                         "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "r.json")])
+    res = eval_cli.main(
+        [
+            "--model",
+            "l2v-test/tiny-mntp",
+            "--tasks",
+            "stsb-dev",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--out",
+            str(tmp_path / "r.json"),
+        ]
+    )
     assert res[0]["task"] == "stsb-dev"
     out = tmp_path / "run"
-    train.main(["--objective", "simcse", "--model", "l2v-test/tiny", "--init_adapter", "l2v-test/tiny-lora",
-                "--train_file", str(text_files / "sents.txt"), "--output_dir", str(out), "--max_steps", "1",
-                "--batch_size", "4", "--max_seq_length", "16", "--lora_r", "2", "--autocast", "none",
-                "--progress", "false"])
+    train.main(
+        [
+            "--objective",
+            "simcse",
+            "--model",
+            "l2v-test/tiny",
+            "--init_adapter",
+            "l2v-test/tiny-lora",
+            "--train_file",
+            str(text_files / "sents.txt"),
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "1",
+            "--batch_size",
+            "4",
+            "--max_seq_length",
+            "16",
+            "--lora_r",
+            "2",
+            "--autocast",
+            "none",
+            "--progress",
+            "false",
+        ]
+    )
     cfg = json.loads((out / "final" / "train_config.json").read_text())
     assert cfg["model"].endswith(f"models--l2v-test--tiny/snapshots/{COMMIT}")
     assert cfg["init_adapter"][0].endswith(f"models--l2v-test--tiny-lora/snapshots/{COMMIT}")
@@ -145,8 +201,16 @@ def test_command_lines_resolve_ids(offline, tmp_path, text_files, capsys):
 def test_environment_before_import(hub_home, tmp_path):
     """The usual way: the variables set before the process starts."""
     env = {**os.environ, "HF_HOME": str(hub_home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, str(ROOT / "encode.py"), "--model", "l2v-test/tiny", "--text", "a cat",
-           "--out", str(tmp_path / "e.npy")]
+    cmd = [
+        sys.executable,
+        str(ROOT / "encode.py"),
+        "--model",
+        "l2v-test/tiny",
+        "--text",
+        "a cat",
+        "--out",
+        str(tmp_path / "e.npy"),
+    ]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert np.load(tmp_path / "e.npy").shape == (1, 64)

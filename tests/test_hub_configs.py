@@ -1,6 +1,7 @@
 """config.json files laid out as the hub has them for each new family (the original releases' legacy keys
 and later files' layer_types; transformers 5's own layout is test_model_parity's path), with sizes shrunk:
 l2v reads each one as transformers does (the oracle reads the same folder)."""
+
 import json
 
 import pytest
@@ -12,63 +13,167 @@ from l2v.checkpoint import load_model  # noqa: E402
 
 TOL = 1e-4
 SMALL = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, vocab_size=128)
-GEMMA_COMMON = dict(attention_bias=False, attention_dropout=0.0, bos_token_id=2, eos_token_id=1,
-                    pad_token_id=0, initializer_range=0.02, rms_norm_eps=1e-06, use_cache=True, **SMALL)
-GEMMA3_COMMON = dict(attn_logit_softcapping=None, final_logit_softcapping=None, head_dim=24,
-                     hidden_activation="gelu_pytorch_tanh", model_type="gemma3_text", num_key_value_heads=1,
-                     query_pre_attn_scalar=24, rope_local_base_freq=10000.0, rope_scaling=None,
-                     rope_theta=1000000.0, **GEMMA_COMMON)
+GEMMA_COMMON = dict(
+    attention_bias=False,
+    attention_dropout=0.0,
+    bos_token_id=2,
+    eos_token_id=1,
+    pad_token_id=0,
+    initializer_range=0.02,
+    rms_norm_eps=1e-06,
+    use_cache=True,
+    **SMALL,
+)
+GEMMA3_COMMON = dict(
+    attn_logit_softcapping=None,
+    final_logit_softcapping=None,
+    head_dim=24,
+    hidden_activation="gelu_pytorch_tanh",
+    model_type="gemma3_text",
+    num_key_value_heads=1,
+    query_pre_attn_scalar=24,
+    rope_local_base_freq=10000.0,
+    rope_scaling=None,
+    rope_theta=1000000.0,
+    **GEMMA_COMMON,
+)
 HUB = {
     # Qwen3-8B: head_dim 128 of 4096 / 32, untied, rope_scaling null, no window on any layer
     "qwen3-8b": dict(
-        architectures=["Qwen3ForCausalLM"], attention_bias=False, attention_dropout=0.0,
-        bos_token_id=151643, eos_token_id=151645, head_dim=24, hidden_act="silu", initializer_range=0.02,
-        max_position_embeddings=40960, max_window_layers=2, model_type="qwen3", num_hidden_layers=2,
-        num_key_value_heads=2, rms_norm_eps=1e-06, rope_scaling=None, rope_theta=1000000,
-        sliding_window=None, tie_word_embeddings=False, torch_dtype="bfloat16",
-        transformers_version="4.51.0", use_cache=True, use_sliding_window=False, **SMALL),
+        architectures=["Qwen3ForCausalLM"],
+        attention_bias=False,
+        attention_dropout=0.0,
+        bos_token_id=151643,
+        eos_token_id=151645,
+        head_dim=24,
+        hidden_act="silu",
+        initializer_range=0.02,
+        max_position_embeddings=40960,
+        max_window_layers=2,
+        model_type="qwen3",
+        num_hidden_layers=2,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-06,
+        rope_scaling=None,
+        rope_theta=1000000,
+        sliding_window=None,
+        tie_word_embeddings=False,
+        torch_dtype="bfloat16",
+        transformers_version="4.51.0",
+        use_cache=True,
+        use_sliding_window=False,
+        **SMALL,
+    ),
     # gemma-7b: "gelu" meaning the tanh form, no tie_word_embeddings key (tied), head_dim 256 of 3072 / 16
     "gemma-7b": dict(
-        architectures=["GemmaForCausalLM"], head_dim=24, hidden_act="gelu", max_position_embeddings=8192,
-        model_type="gemma", num_hidden_layers=2, num_key_value_heads=4, rope_scaling=None,
-        rope_theta=10000.0, torch_dtype="bfloat16", transformers_version="4.38.0.dev0", **GEMMA_COMMON),
+        architectures=["GemmaForCausalLM"],
+        head_dim=24,
+        hidden_act="gelu",
+        max_position_embeddings=8192,
+        model_type="gemma",
+        num_hidden_layers=2,
+        num_key_value_heads=4,
+        rope_scaling=None,
+        rope_theta=10000.0,
+        torch_dtype="bfloat16",
+        transformers_version="4.38.0.dev0",
+        **GEMMA_COMMON,
+    ),
     # gemma-2-9b: both activation keys, soft-caps, query_pre_attn_scalar, the hybrid cache's window keys
     "gemma-2-9b": dict(
-        architectures=["Gemma2ForCausalLM"], attn_logit_softcapping=0.05, cache_implementation="hybrid",
-        final_logit_softcapping=0.2, head_dim=24, hidden_act="gelu_pytorch_tanh",
-        hidden_activation="gelu_pytorch_tanh", max_position_embeddings=8192, model_type="gemma2",
-        num_hidden_layers=2, num_key_value_heads=2, query_pre_attn_scalar=20, rope_theta=10000.0,
-        sliding_window=4, sliding_window_size=4, torch_dtype="float32",
-        transformers_version="4.42.0.dev0", **GEMMA_COMMON),
+        architectures=["Gemma2ForCausalLM"],
+        attn_logit_softcapping=0.05,
+        cache_implementation="hybrid",
+        final_logit_softcapping=0.2,
+        head_dim=24,
+        hidden_act="gelu_pytorch_tanh",
+        hidden_activation="gelu_pytorch_tanh",
+        max_position_embeddings=8192,
+        model_type="gemma2",
+        num_hidden_layers=2,
+        num_key_value_heads=2,
+        query_pre_attn_scalar=20,
+        rope_theta=10000.0,
+        sliding_window=4,
+        sliding_window_size=4,
+        torch_dtype="float32",
+        transformers_version="4.42.0.dev0",
+        **GEMMA_COMMON,
+    ),
     # gemma-3-1b-it: sliding_window_pattern, rope_local_base_freq, null soft-caps
     "gemma-3-1b": dict(
-        GEMMA3_COMMON, architectures=["Gemma3ForCausalLM"], cache_implementation="hybrid",
-        eos_token_id=[1, 106], max_position_embeddings=32768, num_hidden_layers=3,
-        rope_local_base_freq=10000, rope_theta=1000000, sliding_window=4, sliding_window_pattern=3,
-        torch_dtype="bfloat16", transformers_version="4.50.0.dev0"),
+        GEMMA3_COMMON,
+        architectures=["Gemma3ForCausalLM"],
+        cache_implementation="hybrid",
+        eos_token_id=[1, 106],
+        max_position_embeddings=32768,
+        num_hidden_layers=3,
+        rope_local_base_freq=10000,
+        rope_theta=1000000,
+        sliding_window=4,
+        sliding_window_pattern=3,
+        torch_dtype="bfloat16",
+        transformers_version="4.50.0.dev0",
+    ),
     # gemma-3-270m: layer_types (and the private _sliding_window_pattern), the bidirectional flag off
     "gemma-3-270m": dict(
-        GEMMA3_COMMON, _sliding_window_pattern=6, architectures=["Gemma3ForCausalLM"],
+        GEMMA3_COMMON,
+        _sliding_window_pattern=6,
+        architectures=["Gemma3ForCausalLM"],
         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-        max_position_embeddings=32768, num_hidden_layers=3, sliding_window=4, torch_dtype="bfloat16",
-        transformers_version="4.55.0.dev0", use_bidirectional_attention=False),
+        max_position_embeddings=32768,
+        num_hidden_layers=3,
+        sliding_window=4,
+        torch_dtype="bfloat16",
+        transformers_version="4.55.0.dev0",
+        use_bidirectional_attention=False,
+    ),
     # embeddinggemma-300m: a bidirectional Gemma 3 saved from the bare model (tensor names without `model.`)
     "embeddinggemma-300m": dict(
-        GEMMA3_COMMON, architectures=["Gemma3TextModel"], layer_types=["sliding_attention", "full_attention"],
-        max_position_embeddings=2048, num_hidden_layers=2, sliding_window=6, torch_dtype="float32",
-        transformers_version="4.57.0.dev0", use_bidirectional_attention=True),
+        GEMMA3_COMMON,
+        architectures=["Gemma3TextModel"],
+        layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=2048,
+        num_hidden_layers=2,
+        sliding_window=6,
+        torch_dtype="float32",
+        transformers_version="4.57.0.dev0",
+        use_bidirectional_attention=True,
+    ),
     # gemma-3-4b: multimodal; text_config holds only what differs from Gemma3TextConfig's defaults (8 heads,
     # 4 KV heads, pattern 6, the RoPE bases, ...), RoPE scaling for the global layers
     "gemma-3-4b": dict(
-        architectures=["Gemma3ForConditionalGeneration"], boi_token_index=255999, eoi_token_index=256000,
-        eos_token_id=[1, 106], image_token_index=262144, initializer_range=0.02, mm_tokens_per_image=4,
-        model_type="gemma3", torch_dtype="bfloat16", transformers_version="4.50.0.dev0",
-        text_config=dict(head_dim=16, hidden_size=64, intermediate_size=96, model_type="gemma3_text",
-                         num_hidden_layers=6, rope_scaling={"factor": 8.0, "rope_type": "linear"},
-                         sliding_window=4, vocab_size=128),
-        vision_config=dict(hidden_size=32, image_size=28, intermediate_size=37, num_attention_heads=2,
-                           model_type="siglip_vision_model", num_hidden_layers=1, patch_size=14,
-                           vision_use_head=False)),
+        architectures=["Gemma3ForConditionalGeneration"],
+        boi_token_index=255999,
+        eoi_token_index=256000,
+        eos_token_id=[1, 106],
+        image_token_index=262144,
+        initializer_range=0.02,
+        mm_tokens_per_image=4,
+        model_type="gemma3",
+        torch_dtype="bfloat16",
+        transformers_version="4.50.0.dev0",
+        text_config=dict(
+            head_dim=16,
+            hidden_size=64,
+            intermediate_size=96,
+            model_type="gemma3_text",
+            num_hidden_layers=6,
+            rope_scaling={"factor": 8.0, "rope_type": "linear"},
+            sliding_window=4,
+            vocab_size=128,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            image_size=28,
+            intermediate_size=37,
+            num_attention_heads=2,
+            model_type="siglip_vision_model",
+            num_hidden_layers=1,
+            patch_size=14,
+            vision_use_head=False,
+        ),
+    ),
 }
 HUB["gemma-1.1-7b"] = {**HUB["gemma-7b"], "hidden_activation": "gelu_pytorch_tanh"}  # updated files: both
 
@@ -95,8 +200,11 @@ def test_hub_config_reads_as_transformers_reads_it(tmp_path, name):
     hub = HUB[name]
     folder = hub_folder(tmp_path, hub)
     arch = hub["architectures"][0]
-    ref_model = getattr(transformers, arch).from_pretrained(folder, dtype=torch.float32,
-                                                            attn_implementation="eager").eval()
+    ref_model = (
+        getattr(transformers, arch)
+        .from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+        .eval()
+    )
     if arch != "Gemma3TextModel":  # the text model inside: *ForCausalLM's, or the multimodal one's
         ref_model = ref_model.model
     if arch == "Gemma3ForConditionalGeneration":

@@ -4,6 +4,7 @@ The pinned matrices are upstream's own output: llm2vec 0.2.3 with transformers 4
 `bash bench/setup_peer.sh`), float32 on CPU, the demo model folder, the snippet of upstream's README with
 `device_map="cpu", torch_dtype=torch.float32`.
 """
+
 import json
 import shutil
 import subprocess
@@ -36,8 +37,10 @@ UPSTREAM_SEED_MEAN = [[0.66732895, 0.42432165], [0.58207363, 0.67264533]]  # poo
 # base_model_name_or_path = the demo model, llm2vec_config.json mean) given as the base model.
 UPSTREAM_SEED_ADAPTER_REPO = [[0.66851079, 0.43723437], [0.58234715, 0.67162794]]
 # The demo folder with config.json's _name_or_path = "Qwen/Qwen2-7B-Instruct": upstream's ChatML template.
-UPSTREAM_SEED_QWEN_NAME = {"mean": [[0.66894293, 0.51455557], [0.66705161, 0.76652551]],
-                           "eos_token": [[0.94715393, 0.94476449], [0.87493533, 0.86854297]]}
+UPSTREAM_SEED_QWEN_NAME = {
+    "mean": [[0.66894293, 0.51455557], [0.66705161, 0.76652551]],
+    "eos_token": [[0.94715393, 0.94476449], [0.87493533, 0.86854297]],
+}
 
 
 def seed_matrix(l2v):
@@ -64,8 +67,10 @@ def copy_model(src, dst, config_edit=None):
 
 
 def test_import_stays_light():
-    code = ("import sys, l2v; assert 'torch' not in sys.modules; from l2v import LLM2Vec; "
-            "assert not {'mteb', 'huggingface_hub', 'transformers', 'peft'} & set(sys.modules)")
+    code = (
+        "import sys, l2v; assert 'torch' not in sys.modules; from l2v import LLM2Vec; "
+        "assert not {'mteb', 'huggingface_hub', 'transformers', 'peft'} & set(sys.modules)"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
 
 
@@ -130,8 +135,14 @@ def test_chat_template_as_upstream(demo):
         np.testing.assert_allclose(seed_matrix(named).numpy(), UPSTREAM_SEED_QWEN_NAME[mode], atol=2e-5)
 
 
-@pytest.mark.parametrize("name,template", [("Qwen/Qwen2-7B-Instruct", "chatml"), ("Qwen/Qwen2-7B", None),
-                                           ("mistralai/Mistral-7B-Instruct-v0.2", "mistral")])
+@pytest.mark.parametrize(
+    "name,template",
+    [
+        ("Qwen/Qwen2-7B-Instruct", "chatml"),
+        ("Qwen/Qwen2-7B", None),
+        ("mistralai/Mistral-7B-Instruct-v0.2", "mistral"),
+    ],
+)
 def test_chat_template_by_hub_name(tiny_dir, tmp_path, name, template):
     folder = copy_model(tiny_dir, tmp_path / "named", {"_name_or_path": name})
     assert LLM2Vec.from_pretrained(folder).encoder.chat_template == template
@@ -139,31 +150,48 @@ def test_chat_template_by_hub_name(tiny_dir, tmp_path, name, template):
 
 # ---- on the tiny model: semantics and arguments
 
+
 @pytest.fixture(scope="module")
 def tiny_l2v_dir(tmp_path_factory, tiny_dir):
     """The tiny model with l2v's own settings (causal, a prompt) and upstream's (weighted_mean)."""
     folder = copy_model(tiny_dir, tmp_path_factory.mktemp("tiny-settings") / "m")
     (folder / "encoder_config.json").write_text(json.dumps({"is_causal": True, "prompt": 'Say "{text}"'}))
-    (folder / "llm2vec_config.json").write_text(json.dumps({"pooling_mode": "weighted_mean",
-                                                            "max_length": 64}))
+    (folder / "llm2vec_config.json").write_text(
+        json.dumps({"pooling_mode": "weighted_mean", "max_length": 64})
+    )
     return folder
 
 
 def test_upstream_settings_only(tiny_l2v_dir):
     l2v = LLM2Vec.from_pretrained(tiny_l2v_dir)
     enc = l2v.encoder
-    assert (enc.pooling, enc.max_length, enc.doc_max_length, enc.skip_instruction) == \
-        ("weighted_mean", 64, 400, True)
-    assert (enc.model.config.is_causal, enc.prompt, enc.autocast, enc.chat_template) == \
-        (False, None, None, None)
+    assert (enc.pooling, enc.max_length, enc.doc_max_length, enc.skip_instruction) == (
+        "weighted_mean",
+        64,
+        400,
+        True,
+    )
+    assert (enc.model.config.is_causal, enc.prompt, enc.autocast, enc.chat_template) == (
+        False,
+        None,
+        None,
+        None,
+    )
     assert next(enc.model.parameters()).dtype == torch.float32
-    l2v = LLM2Vec.from_pretrained(tiny_l2v_dir, enable_bidirectional=False, pooling_mode="mean",
-                                  max_length=None, torch_dtype="auto",
-                                  attn_implementation="flash_attention_2")
+    l2v = LLM2Vec.from_pretrained(
+        tiny_l2v_dir,
+        enable_bidirectional=False,
+        pooling_mode="mean",
+        max_length=None,
+        torch_dtype="auto",
+        attn_implementation="flash_attention_2",
+    )
     assert (l2v.pooling_mode, l2v.max_length, l2v.model.config.is_causal) == ("mean", 64, True)
     assert next(l2v.model.parameters()).dtype == torch.float32  # save_model wrote float32: "auto" reads it
-    assert next(LLM2Vec.from_pretrained(tiny_l2v_dir, torch_dtype=torch.bfloat16).model.parameters()).dtype \
+    assert (
+        next(LLM2Vec.from_pretrained(tiny_l2v_dir, torch_dtype=torch.bfloat16).model.parameters()).dtype
         == torch.bfloat16
+    )
 
 
 def test_encode_semantics(tiny_l2v_dir):
@@ -179,8 +207,12 @@ def test_encode_semantics(tiny_l2v_dir):
         torch.testing.assert_close(l2v.encode(texts, batch_size=bs), out, rtol=0, atol=1e-5)
     pairs = [["Retrieve it:", t] for t in texts]
     mixed = l2v.encode([pairs[0], texts[1], ("Retrieve it:", texts[2]), ["Retrieve it:", texts[3], 7]])
-    torch.testing.assert_close(mixed, torch.stack([l2v.encode(pairs)[0], out[1], l2v.encode(pairs)[2],
-                                                   l2v.encode(pairs)[3]]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        mixed,
+        torch.stack([l2v.encode(pairs)[0], out[1], l2v.encode(pairs)[2], l2v.encode(pairs)[3]]),
+        rtol=0,
+        atol=1e-5,
+    )
     torch.testing.assert_close(l2v.encode("summit define"), out[2:3], rtol=0, atol=1e-5)
     medi = ["Retrieve it:", "summit define", 0]  # upstream's MEDI form: one item
     torch.testing.assert_close(l2v.encode(medi), l2v.encode(pairs[2:3]))
@@ -194,16 +226,19 @@ def test_encode_semantics(tiny_l2v_dir):
     assert LLM2Vec(Encoder(tiny_model(), l2v.tokenizer)).to("cpu").eval().pooling_mode == "mean"
 
 
-@pytest.mark.parametrize("kwargs,words", [
-    (dict(load_in_4bit=True), ["load_in_4bit", "quantized"]),
-    (dict(quantization_config={"bits": 4}), ["quantization_config"]),
-    (dict(attn_implementation="flex_attention"), ["attn_implementation"]),
-    (dict(device_map={"layers.0": "cpu", "layers.1": "cuda:0"}), ["device_map", "one"]),
-    (dict(device_map="balanced"), ["device_map", "balanced"]),
-    (dict(token="hf_x"), ["token", "HF_TOKEN"]),
-    (dict(output_hidden_states=True), ["output_hidden_states"]),
-    (dict(torch_dtype="int8"), ["int8"]),
-])
+@pytest.mark.parametrize(
+    "kwargs,words",
+    [
+        (dict(load_in_4bit=True), ["load_in_4bit", "quantized"]),
+        (dict(quantization_config={"bits": 4}), ["quantization_config"]),
+        (dict(attn_implementation="flex_attention"), ["attn_implementation"]),
+        (dict(device_map={"layers.0": "cpu", "layers.1": "cuda:0"}), ["device_map", "one"]),
+        (dict(device_map="balanced"), ["device_map", "balanced"]),
+        (dict(token="hf_x"), ["token", "HF_TOKEN"]),
+        (dict(output_hidden_states=True), ["output_hidden_states"]),
+        (dict(torch_dtype="int8"), ["int8"]),
+    ],
+)
 def test_unsupported_arguments(tiny_l2v_dir, kwargs, words):
     with pytest.raises(ValueError) as e:
         LLM2Vec.from_pretrained(tiny_l2v_dir, **kwargs)
@@ -213,6 +248,7 @@ def test_unsupported_arguments(tiny_l2v_dir, kwargs, words):
 def test_extra_adapters_in_order(tiny_dir, tmp_path):
     from l2v.adapters import save_adapter
     from l2v.lora import add_lora, merge_lora
+
     model, folders = tiny_model(), []
     for k in range(2):
         add_lora(model, r=4, targets=("q_proj", "v_proj"))
@@ -222,9 +258,11 @@ def test_extra_adapters_in_order(tiny_dir, tmp_path):
         folders.append(save_adapter(model, tmp_path / f"a{k}"))
         merge_lora(model)
     texts = ["A cat sits on the mat.", "summit define"]
-    want = Encoder.from_pretrained(tiny_dir, adapters=folders, autocast="none", pooling="mean",
-                                   is_causal=False, prompt="").encode(texts)
+    want = Encoder.from_pretrained(
+        tiny_dir, adapters=folders, autocast="none", pooling="mean", is_causal=False, prompt=""
+    ).encode(texts)
     for extra in ([str(folders[1])], str(folders[1])):
-        got = LLM2Vec.from_pretrained(tiny_dir, peft_model_name_or_path=str(folders[0]),
-                                      extra_model_name_or_path=extra)
+        got = LLM2Vec.from_pretrained(
+            tiny_dir, peft_model_name_or_path=str(folders[0]), extra_model_name_or_path=extra
+        )
         np.testing.assert_allclose(got.encode(texts, convert_to_numpy=True), want, rtol=0, atol=1e-6)

@@ -1,4 +1,5 @@
 """l2v.lora: LoRA math on tiny random Llamas, PEFT format round trips (peft is a test-only oracle), errors."""
+
 import copy
 import json
 
@@ -15,8 +16,16 @@ from l2v.checkpoint import load_model  # noqa: E402
 from l2v.lora import LoRALinear, add_lora, lora_modules, lora_parameters, merge_lora
 
 TOL = 1e-4
-CFG = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-           num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
+CFG = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+)
 N_TARGETS = 7 * CFG["num_hidden_layers"]
 
 
@@ -49,8 +58,9 @@ def test_zero_B_is_the_base_model_even_with_dropout(base_dir):
     model = load_model(base_dir)
     paths = add_lora(model, r=4, alpha=8, dropout=0.5)
     assert len(paths) == N_TARGETS and all(isinstance(m, LoRALinear) for m in lora_modules(model).values())
-    assert set(model.state_dict()) - set(base.state_dict()) == {k for p in paths for k in
-                                                                 (f"{p}.lora_A.weight", f"{p}.lora_B.weight")}
+    assert set(model.state_dict()) - set(base.state_dict()) == {
+        k for p in paths for k in (f"{p}.lora_A.weight", f"{p}.lora_B.weight")
+    }
     x = ids()
     with torch.no_grad():
         ref = base(x)
@@ -133,7 +143,11 @@ def test_l2v_adapter_loads_in_peft_and_back(base_dir, tmp_path):
     randomize(model)
     folder = save_adapter(model, tmp_path / "adapter", base_model_name_or_path="tiny")
     cfg = json.loads((folder / "adapter_config.json").read_text())
-    assert cfg["target_modules"] == ["down_proj", "q_proj", "v_proj"] and cfg["r"] == 4 and cfg["lora_alpha"] == 12
+    assert (
+        cfg["target_modules"] == ["down_proj", "q_proj", "v_proj"]
+        and cfg["r"] == 4
+        and cfg["lora_alpha"] == 12
+    )
     keys = set(load_file(folder / "adapter_model.safetensors"))
     assert keys == set(lora_state_dict(model))
     assert "base_model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
@@ -156,11 +170,18 @@ def test_peft_adapter_loads_in_l2v(base_dir, tmp_path, wrap):
     import torch.distributed.tensor  # noqa: F401
 
     hf = hf_llama()
-    kw = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                         "gate_proj", "up_proj", "down_proj"])
+    kw = dict(
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
     if wrap == "rslora_patterns":
-        kw.update(use_rslora=True, rank_pattern={"layers.1.mlp.up_proj": 2, "o_proj": 4},
-                  alpha_pattern={"k_proj": 3.0})
+        kw.update(
+            use_rslora=True,
+            rank_pattern={"layers.1.mlp.up_proj": 2, "o_proj": 4},
+            alpha_pattern={"k_proj": 3.0},
+        )
     pm = peft.get_peft_model(hf.model if wrap == "bare" else hf, peft.LoraConfig(**kw))
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -172,7 +193,9 @@ def test_peft_adapter_loads_in_l2v(base_dir, tmp_path, wrap):
     assert all(k.startswith(prefix) for k in load_file(tmp_path / "peft" / "adapter_model.safetensors"))
     x = ids()
     with torch.no_grad():
-        ref = (pm(input_ids=x) if wrap == "bare" else pm.base_model.model.model(input_ids=x)).last_hidden_state
+        ref = (
+            pm(input_ids=x) if wrap == "bare" else pm.base_model.model.model(input_ids=x)
+        ).last_hidden_state
         for merge in (True, False):
             model = load_model(base_dir)
             assert len(load_adapter(model, tmp_path / "peft", merge=merge)) == N_TARGETS
@@ -182,8 +205,8 @@ def test_peft_adapter_loads_in_l2v(base_dir, tmp_path, wrap):
             print(f"peft ({wrap}) -> l2v merge={merge}: max diff {diff:.2e}")
         if wrap == "rslora_patterns":
             m = model.layers[1].mlp.up_proj
-            assert m.r == 2 and m.scaling == pytest.approx(16 / 2 ** 0.5)
-            assert model.layers[0].self_attn.k_proj.scaling == pytest.approx(3 / 8 ** 0.5)
+            assert m.r == 2 and m.scaling == pytest.approx(16 / 2**0.5)
+            assert model.layers[0].self_attn.k_proj.scaling == pytest.approx(3 / 8**0.5)
 
 
 def test_oracle_adapter_loads_onto_demo_model(demo_model_dir, oracle_dir):
@@ -199,8 +222,10 @@ def test_oracle_adapter_loads_onto_demo_model(demo_model_dir, oracle_dir):
         assert not lora_modules(merged)
         # every file tensor consumed: 2 per adapted module, each under the key we derive for it
         assert {f"base_model.model.{p}.lora_{ab}.weight" for p in paths for ab in "AB"} == set(tensors)
-        B, A = tensors["base_model.model.layers.3.mlp.down_proj.lora_B.weight"], \
-            tensors["base_model.model.layers.3.mlp.down_proj.lora_A.weight"]
+        B, A = (
+            tensors["base_model.model.layers.3.mlp.down_proj.lora_B.weight"],
+            tensors["base_model.model.layers.3.mlp.down_proj.lora_A.weight"],
+        )
         torch.testing.assert_close(merged.layers[3].mlp.down_proj.weight, w0 + 2.0 * B @ A, atol=1e-6, rtol=0)
         load_adapter(unmerged, folder, merge=False)
         mods = lora_modules(unmerged)
@@ -213,6 +238,7 @@ def test_oracle_adapter_loads_onto_demo_model(demo_model_dir, oracle_dir):
 
 
 # ---- errors: each names the offending file ---------------------------------------------------------
+
 
 @pytest.fixture
 def adapter_dir(base_dir, tmp_path):
@@ -250,8 +276,10 @@ def test_missing_or_bad_config(base_dir, adapter_dir):
 def test_unexpected_key(base_dir, adapter_dir):
     def extra_layer(t):
         for ab in "AB":
-            t[f"base_model.model.layers.7.self_attn.q_proj.lora_{ab}.weight"] = \
-                t[f"base_model.model.layers.0.self_attn.q_proj.lora_{ab}.weight"].clone()
+            t[f"base_model.model.layers.7.self_attn.q_proj.lora_{ab}.weight"] = t[
+                f"base_model.model.layers.0.self_attn.q_proj.lora_{ab}.weight"
+            ].clone()
+
     rewrite(adapter_dir, extra_layer)
     model = load_model(base_dir)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -263,7 +291,9 @@ def test_unexpected_key(base_dir, adapter_dir):
 def test_shape_mismatch_and_missing_half(base_dir, adapter_dir):
     key = "base_model.model.layers.1.mlp.down_proj.lora_A.weight"
     rewrite(adapter_dir, lambda t: t.update({key: torch.zeros(4, 64)}))  # down_proj's input is 96 wide
-    with pytest.raises(ValueError, match=r"adapter_model.safetensors: shape mismatch for layers\.1\.mlp\.down"):
+    with pytest.raises(
+        ValueError, match=r"adapter_model.safetensors: shape mismatch for layers\.1\.mlp\.down"
+    ):
         load_adapter(load_model(base_dir), adapter_dir)
     rewrite(adapter_dir, lambda t: t.pop(key))
     with pytest.raises(ValueError, match=r"adapter_model.safetensors: module\(s\) with only one of"):
@@ -274,12 +304,13 @@ def test_keep_mask_statistics_and_seed():
     """LoRA dropout's mask: keep rate 1 - p (p rounded to 1/65536), every 16-bit lane of a draw uniform,
     a function of the seed alone; LoRALinear scales the kept values by the exact 1 / keep rate."""
     from l2v.lora import keep_mask
+
     x = torch.ones(1001, 999)  # odd sizes: the mask is cut from 64-bit words
     keep = keep_mask(x, 0.05, seed=7)
     n, rate = keep.numel(), keep.float().mean().item()
     assert keep.shape == x.shape and keep.dtype == torch.bool
     assert abs(rate - (1 - 3277 / 65536)) < 4 * (0.05 * 0.95 / n) ** 0.5  # within 4 standard errors
-    lanes = keep.flatten()[:n - n % 4].view(-1, 4).float().mean(0)
+    lanes = keep.flatten()[: n - n % 4].view(-1, 4).float().mean(0)
     assert (lanes - rate).abs().max() < 5 * (0.05 * 0.95 / (n / 4)) ** 0.5
     torch.manual_seed(0)
     assert torch.equal(keep_mask(x, 0.05, seed=7), keep) and not torch.equal(keep_mask(x, 0.05, seed=8), keep)
@@ -288,30 +319,50 @@ def test_keep_mask_statistics_and_seed():
         LoRALinear(nn.Linear(4, 4), r=2, alpha=4, dropout=1.0)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="no CUDA device"))])
-@pytest.mark.parametrize("dtype,autocast", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)])
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+        ),
+    ],
+)
+@pytest.mark.parametrize(
+    "dtype,autocast", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)]
+)
 def test_dropped_linear_is_exactly_the_masked_linear(dtype, autocast, device):
     """The backward draws the mask again from the seed: output and both gradients equal autograd's on
     F.linear(x * mask, a), bit for bit on the CPU, also under bf16 autocast (fp32 inputs, bf16 matmuls)."""
     from l2v.lora import DroppedLinear, keep_mask
+
     torch.manual_seed(0)
     x, a, g = (torch.randn(*s, dtype=dtype, device=device) for s in ((3, 7, 33), (5, 33), (3, 7, 5)))
     grads = []
-    for fn in (lambda x, a: DroppedLinear.apply(x, a, 0.3, 123), lambda x, a: F.linear(x * keep_mask(x, 0.3, 123), a)):
+    for fn in (
+        lambda x, a: DroppedLinear.apply(x, a, 0.3, 123),
+        lambda x, a: F.linear(x * keep_mask(x, 0.3, 123), a),
+    ):
         xi, ai = x.clone().requires_grad_(), a.clone().requires_grad_()
         with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
             y = fn(xi, ai)
         grads.append((y, *torch.autograd.grad(y, (xi, ai), g.to(y.dtype))))
     for mine, ref in zip(*grads):
         assert mine.dtype == ref.dtype
-        assert torch.equal(mine, ref) if device == "cpu" else torch.allclose(mine.float(), ref.float(), rtol=1e-2, atol=1e-2)
-    assert grads[0][1].dtype == dtype and (grads[0][1] == 0).float().mean() > 0.2  # the mask reached x's gradient
+        assert (
+            torch.equal(mine, ref)
+            if device == "cpu"
+            else torch.allclose(mine.float(), ref.float(), rtol=1e-2, atol=1e-2)
+        )
+    assert (
+        grads[0][1].dtype == dtype and (grads[0][1] == 0).float().mean() > 0.2
+    )  # the mask reached x's gradient
 
 
 def test_lora_dropout_keeps_no_extra_activations(base_dir):
     """What the backward keeps: with LoRA dropout on, no more bytes than with it off (no masked copy of
     each projection's input, no mask): the projections that share an input share one saved tensor."""
+
     def saved_bytes(dropout: float) -> tuple[int, float]:
         torch.manual_seed(0)
         model = load_model(base_dir).train()
@@ -324,11 +375,13 @@ def test_lora_dropout_keeps_no_extra_activations(base_dir):
             if t.untyped_storage().data_ptr() not in params:
                 seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
+
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = model(ids()).pow(2).mean()
         loss.backward()
         assert all(p.grad.abs().sum() > 0 for p in lora_parameters(model))
         return sum(seen.values()), loss.item()
+
     (dropped, loss), (plain, plain_loss) = saved_bytes(0.1), saved_bytes(0.0)
     assert dropped == plain and loss != plain_loss  # the same bytes, though dropout acted
 
@@ -342,6 +395,7 @@ def peft_adapter(model, folder, seed=3):
     """A PEFT LoRA on `model` (the seven projections, random A and B), saved to `folder`."""
     peft = pytest.importorskip("peft")
     import torch.distributed.tensor  # noqa: F401  (peft 0.21.2 on torch 2.13 needs it imported first)
+
     cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS)
     pm = peft.get_peft_model(model, cfg)
     g = torch.Generator().manual_seed(seed)
@@ -360,6 +414,7 @@ def test_peft_round_trip_new_families(tmp_path, name):
     peft also adapts the vision tower's q/k/v, which l2v skips with the tower; the text part is equal."""
     peft = pytest.importorskip("peft")
     from test_model_parity import hf_gemma3_multimodal, hf_model
+
     hf = hf_gemma3_multimodal() if name == "gemma3_multimodal" else hf_model(name)
     hf.save_pretrained(tmp_path / "base")
     text_model = (lambda m: m.model.language_model) if name == "gemma3_multimodal" else (lambda m: m.model)

@@ -1,4 +1,5 @@
 """Parity with HF transformers (test-only oracle) on tiny random configs, through l2v's own loader."""
+
 import pytest
 import torch
 
@@ -8,31 +9,64 @@ from l2v.checkpoint import load_model, save_model  # noqa: E402
 from l2v.objectives import mntp_loss  # noqa: E402
 
 TOL = 1e-4
-BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=256, rms_norm_eps=1e-5)
+BASE = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+)
 # Head dims that are not hidden_size / heads; windows shorter than the 11-token texts; soft-caps small
 # enough to bite on tiny random weights; local and global layers in every two-layer Gemma 2/3.
 GEMMA = dict(num_key_value_heads=2, head_dim=24, sliding_window=4, query_pre_attn_scalar=20)
 
 CASES = {
     "llama2": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=4)),
-    "llama3_rope": ("LlamaConfig", "LlamaForCausalLM", dict(
-        num_key_value_heads=2, rope_theta=500000.0,
-        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                          original_max_position_embeddings=32))),
+    "llama3_rope": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
+            num_key_value_heads=2,
+            rope_theta=500000.0,
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=32,
+            ),
+        ),
+    ),
     "gqa_tied": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=1, tie_word_embeddings=True)),
     "llama_attn_bias": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=2, attention_bias=True)),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(num_key_value_heads=2, sliding_window=None)),
     "qwen2_bias": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=2)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(num_key_value_heads=2, head_dim=24, rope_theta=1e6)),
-    "qwen3_window": ("Qwen3Config", "Qwen3ForCausalLM", dict(  # layer 1 only: max_window_layers
-        num_key_value_heads=2, head_dim=24, use_sliding_window=True, sliding_window=4, max_window_layers=1)),
+    "qwen3_window": (
+        "Qwen3Config",
+        "Qwen3ForCausalLM",
+        dict(  # layer 1 only: max_window_layers
+            num_key_value_heads=2, head_dim=24, use_sliding_window=True, sliding_window=4, max_window_layers=1
+        ),
+    ),
     "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(num_key_value_heads=1, head_dim=24, hidden_act="gelu")),
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
-        **GEMMA, attn_logit_softcapping=0.05, final_logit_softcapping=0.2)),
-    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
-        **GEMMA, sliding_window_pattern=2, rope_scaling=dict(rope_type="linear", factor=8.0),
-        final_logit_softcapping=0.2)),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        dict(**GEMMA, attn_logit_softcapping=0.05, final_logit_softcapping=0.2),
+    ),
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        dict(
+            **GEMMA,
+            sliding_window_pattern=2,
+            rope_scaling=dict(rope_type="linear", factor=8.0),
+            final_logit_softcapping=0.2,
+        ),
+    ),
 }
 NEW_FAMILIES = ["qwen3", "qwen3_window", "gemma", "gemma2", "gemma3"]
 
@@ -71,7 +105,9 @@ def hf_bidirectional(name, hf, ids):
         i = torch.arange(T)
         local = (i[:, None] - i[None, :]).abs() <= hf.config.sliding_window // 2
         mask = {"full_attention": mask, "sliding_attention": mask.masked_fill(~local, float("-inf"))}
-    return torch.cat([hf.model(ids[i:i + 1], attention_mask=mask).last_hidden_state for i in range(len(ids))])
+    return torch.cat(
+        [hf.model(ids[i : i + 1], attention_mask=mask).last_hidden_state for i in range(len(ids))]
+    )
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -96,8 +132,10 @@ def test_causal_and_bidirectional_match_hf(tmp_path, name, shard):
         ref = hf_bidirectional(name, hf, ids)
         torch.testing.assert_close(hb, ref, atol=TOL, rtol=0)
     kind = "sharded" if shard else "single"
-    print(f"parity {name} {kind}: causal {(h - out.hidden_states[-1]).abs().max():.1e}"
-          f" bidirectional {(hb - ref).abs().max():.1e} mntp loss {(loss - out.loss).abs():.1e}")
+    print(
+        f"parity {name} {kind}: causal {(h - out.hidden_states[-1]).abs().max():.1e}"
+        f" bidirectional {(hb - ref).abs().max():.1e} mntp loss {(loss - out.loss).abs():.1e}"
+    )
 
 
 def test_bidirectional_sees_the_future(tmp_path):
@@ -192,6 +230,7 @@ def test_save_model_round_trip_loads_in_transformers(tmp_path):
 
 # ---- the families of issue #26: Qwen3, Gemma, Gemma 2, Gemma 3 ---------------------------------------
 
+
 def test_windows_and_softcaps_matter(tmp_path):
     """Each switch the parity above relies on acts on these tiny models (else parity would prove nothing)."""
     ids = torch.randint(0, 128, (1, 11), generator=torch.Generator().manual_seed(8))
@@ -211,8 +250,13 @@ def test_windows_and_softcaps_matter(tmp_path):
                         m.softcap = None
                 assert (model(ids) - ref[True]).abs().max() > 1e-4
                 labels = ids.clone()
-                assert abs(mntp_loss(ref[True], labels, model.lm_head_weight, logit_softcap=0.2)
-                           - mntp_loss(ref[True], labels, model.lm_head_weight)) > 1e-3
+                assert (
+                    abs(
+                        mntp_loss(ref[True], labels, model.lm_head_weight, logit_softcap=0.2)
+                        - mntp_loss(ref[True], labels, model.lm_head_weight)
+                    )
+                    > 1e-3
+                )
 
 
 @pytest.mark.parametrize("is_causal", [True, False])
@@ -253,8 +297,9 @@ def test_bidirectional_flag_is_the_default_and_save_round_trips(tmp_path):
         hf.save_pretrained(tmp_path / name)
         ours = load_model(tmp_path / name)
         save_model(ours, tmp_path / f"{name}-out")
-        again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / f"{name}-out",
-                                                                  attn_implementation="eager")
+        again = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path / f"{name}-out", attn_implementation="eager"
+        )
         reread = load_model(tmp_path / f"{name}-out")
         assert {**vars(reread.config), "extra": {}} == {**vars(ours.config), "extra": {}}, name
         with torch.no_grad():
@@ -262,8 +307,16 @@ def test_bidirectional_flag_is_the_default_and_save_round_trips(tmp_path):
 
 
 def tiny_vision():
-    return dict(hidden_size=32, image_size=28, intermediate_size=37, model_type="siglip_vision_model",
-                num_attention_heads=2, num_hidden_layers=1, patch_size=14, vision_use_head=False)
+    return dict(
+        hidden_size=32,
+        image_size=28,
+        intermediate_size=37,
+        model_type="siglip_vision_model",
+        num_attention_heads=2,
+        num_hidden_layers=1,
+        patch_size=14,
+        vision_use_head=False,
+    )
 
 
 def hf_gemma3_multimodal(seed=0):
@@ -284,15 +337,18 @@ def test_gemma3_multimodal_reads_the_text_part(tmp_path, layout):
     """model_type "gemma3": text_config and the language model's tensors, under the prefix transformers
     writes or the one of its module names; the vision tower and projector are skipped, nothing else is."""
     from safetensors.torch import load_file, save_file
+
     hf = hf_gemma3_multimodal()
     hf.save_pretrained(tmp_path)
     path = tmp_path / "model.safetensors"
     tensors = load_file(path)
-    assert any(k.startswith("vision_tower.") for k in tensors) and any(k.startswith("language_model.model.")
-                                                                       for k in tensors)
+    assert any(k.startswith("vision_tower.") for k in tensors) and any(
+        k.startswith("language_model.model.") for k in tensors
+    )
     if layout == "model.language_model.":  # model.language_model.*, model.vision_tower.*, ...
-        tensors = {"model." + k.replace("language_model.model.", "language_model.", 1): v
-                   for k, v in tensors.items()}
+        tensors = {
+            "model." + k.replace("language_model.model.", "language_model.", 1): v for k, v in tensors.items()
+        }
         save_file(tensors, path, metadata={"format": "pt"})
     ours = load_model(tmp_path)
     assert ours.config.model_type == "gemma3" and ours.config.local_rope_theta == 10000.0
@@ -318,6 +374,7 @@ def test_gemma_precision_in_bf16(tmp_path):
     from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 
     from l2v.model import RMSNorm
+
     hf = hf_model("gemma", hidden_size=96)  # sqrt(96) is not a bf16 number
     hf.save_pretrained(tmp_path)
     ours, hf = load_model(tmp_path, dtype="bfloat16"), hf.to(torch.bfloat16)

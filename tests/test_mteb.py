@@ -2,6 +2,7 @@
 from ../shared/data (the dataset set on the task, marked loaded), so mteb's scores can be held against
 eval.py's on the same texts and settings. The tiny random model: the scores' agreement does not depend on
 the encoder's quality."""
+
 import json
 import sys
 
@@ -23,8 +24,11 @@ needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data not pr
 
 def sts_task(name, s1, s2, gold):
     task = mteb.get_task(name)
-    task.dataset = {task.metadata.eval_splits[0]: datasets.Dataset.from_dict(
-        {"sentence1": s1, "sentence2": s2, "score": [float(g) for g in gold]})}
+    task.dataset = {
+        task.metadata.eval_splits[0]: datasets.Dataset.from_dict(
+            {"sentence1": s1, "sentence2": s2, "score": [float(g) for g in gold]}
+        )
+    }
     task.data_loaded = True
     return task
 
@@ -33,12 +37,22 @@ def retrieval_task(name, folder):
     corpus, queries, qrels = read_beir(folder)
     rows = [json.loads(line) for line in (folder / "corpus.jsonl").read_text().splitlines() if line.strip()]
     task = mteb.get_task(name)
-    task.dataset = {"default": {task.metadata.eval_splits[0]: {
-        "corpus": datasets.Dataset.from_dict({"id": [str(r["_id"]) for r in rows],
-                                              "title": [r.get("title") or "" for r in rows],
-                                              "text": [r["text"] for r in rows]}),
-        "queries": datasets.Dataset.from_dict({"id": list(queries), "text": list(queries.values())}),
-        "relevant_docs": qrels, "top_ranked": None}}}
+    task.dataset = {
+        "default": {
+            task.metadata.eval_splits[0]: {
+                "corpus": datasets.Dataset.from_dict(
+                    {
+                        "id": [str(r["_id"]) for r in rows],
+                        "title": [r.get("title") or "" for r in rows],
+                        "text": [r["text"] for r in rows],
+                    }
+                ),
+                "queries": datasets.Dataset.from_dict({"id": list(queries), "text": list(queries.values())}),
+                "relevant_docs": qrels,
+                "top_ranked": None,
+            }
+        }
+    }
     task.data_loaded = True
     return task
 
@@ -77,16 +91,33 @@ def test_eval_py_mteb_matches_local_scores(tiny_dir, data_dir, tmp_path, monkeyp
 
     def injected(names):  # eval.py's task look-up, with the data put in instead of downloaded
         return [task(n) for n in names.split(",")]
+
     monkeypatch.setattr(l2v_mteb, "get_tasks", injected)
     out = tmp_path / "out" / "r.json"
-    eval_cli.main(["--model", str(tiny_dir), "--autocast", "none", "--data-dir", str(data_dir),
-                   "--out", str(out), "--tasks", "stsb-test,sick-r-test,dbpedia-subset",
-                   "--mteb", "STSBenchmark,SICK-R,DBPedia",
-                   "--sts-instruction", STS_INSTRUCTION])
+    eval_cli.main(
+        [
+            "--model",
+            str(tiny_dir),
+            "--autocast",
+            "none",
+            "--data-dir",
+            str(data_dir),
+            "--out",
+            str(out),
+            "--tasks",
+            "stsb-test,sick-r-test,dbpedia-subset",
+            "--mteb",
+            "STSBenchmark,SICK-R,DBPedia",
+            "--sts-instruction",
+            STS_INSTRUCTION,
+        ]
+    )
     res = {r["task"]: r for r in json.loads(out.read_text())["results"]}
-    pairs = [("stsb-test", "mteb/STSBenchmark", "spearman", "cosine_spearman"),
-             ("sick-r-test", "mteb/SICK-R", "spearman", "cosine_spearman"),
-             ("dbpedia-subset", "mteb/DBPedia", "ndcg@10", "ndcg_at_10")]
+    pairs = [
+        ("stsb-test", "mteb/STSBenchmark", "spearman", "cosine_spearman"),
+        ("sick-r-test", "mteb/SICK-R", "spearman", "cosine_spearman"),
+        ("dbpedia-subset", "mteb/DBPedia", "ndcg@10", "ndcg_at_10"),
+    ]
     for local, remote, m_local, m_mteb in pairs:
         a, b = res[local]["scores"][m_local], res[remote]["scores"][m_mteb]
         assert res[local]["n"] == res[remote]["n"]
@@ -97,15 +128,24 @@ def test_eval_py_mteb_matches_local_scores(tiny_dir, data_dir, tmp_path, monkeyp
     assert res["mteb/SICK-R"]["instructions"] == {"both": STS_INSTRUCTION}
     assert res["mteb/DBPedia"]["instructions"] == {"query": DBPEDIA_INSTRUCTION, "document": ""}
     written = (tmp_path / "out" / "r-mteb").rglob("*.json")  # mteb's own result files
-    assert sorted(p.name for p in written if p.name != "model_meta.json") == \
-        ["DBPedia.json", "SICK-R.json", "STSBenchmark.json"]
+    assert sorted(p.name for p in written if p.name != "model_meta.json") == [
+        "DBPedia.json",
+        "SICK-R.json",
+        "STSBenchmark.json",
+    ]
 
 
 def test_instruction_rule():
     """Upstream's table; else the task's own query prompt ending in ':'; never on a retrieval corpus."""
     from mteb.types import PromptType
-    names = ("STSBenchmark", "DBPedia",
-             "NanoDBPediaRetrieval", "STS22.v2", "AmazonCounterfactualClassification")
+
+    names = (
+        "STSBenchmark",
+        "DBPedia",
+        "NanoDBPediaRetrieval",
+        "STS22.v2",
+        "AmazonCounterfactualClassification",
+    )
     meta = {n: mteb.get_task(n).metadata for n in names}
     rule = l2v_mteb.instruction_for
     assert rule(meta["STSBenchmark"]) == rule(meta["STS22.v2"]) == STS_INSTRUCTION
@@ -121,13 +161,15 @@ def test_instruction_rule():
 
 def test_protocol(tiny_dir):
     from mteb.models.models_protocols import EncoderProtocol
+
     model = l2v_mteb.MTEBModel(tiny_dir, autocast="none", pooling="mean")
     assert isinstance(model, EncoderProtocol)
     assert (model.mteb_model_meta.name, model.mteb_model_meta.embed_dim) == (f"l2v/{tiny_dir.name}", 64)
     task = mteb.get_task("DBPedia")
     batches = [{"text": ["a cat", ""]}, {"text": ["summit define"]}]
-    docs = model.encode(batches, task_metadata=task.metadata, hf_split="test", hf_subset="default",
-                        prompt_type="document")
+    docs = model.encode(
+        batches, task_metadata=task.metadata, hf_split="test", hf_subset="default", prompt_type="document"
+    )
     assert docs.shape == (3, 64) and docs.dtype == np.float32 and not docs[1].any()  # an empty document: 0s
     want = model.encoder.encode(["a cat", "summit define"])
     np.testing.assert_allclose(docs[[0, 2]], want, rtol=0, atol=1e-6)

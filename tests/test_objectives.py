@@ -1,4 +1,6 @@
-"""MNTP loss (i-1 shift, oracle parity), contrastive and CoSENT losses by hand, all_gather_with_grad over 2 processes."""
+"""MNTP loss (i-1 shift, oracle parity), contrastive and CoSENT losses by hand, all_gather_with_grad over
+2 processes."""
+
 import json
 import math
 
@@ -44,6 +46,7 @@ def mntp_ref(oracle_dir):
 @pytest.mark.parametrize("family,is_causal", [("bidirectional", False), ("causal", True)])
 def test_mntp_loss_matches_oracle(demo_model_dir, mntp_ref, family, is_causal):
     from l2v.checkpoint import load_model
+
     model = load_model(demo_model_dir, is_causal=is_causal).eval()
     ids, labels = torch.tensor(mntp_ref["input_ids"]), torch.tensor(mntp_ref["labels"])
     with torch.no_grad():
@@ -58,8 +61,10 @@ def test_mntp_loss_matches_oracle(demo_model_dir, mntp_ref, family, is_causal):
 
 def expected_infonce(q, cands, scale):
     """Mean over queries of logsumexp_j(scale*cos(q_i, c_j)) - scale*cos(q_i, c_i), in plain Python."""
+
     def cos(a, b):
         return sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
     total = 0.0
     for i, qi in enumerate(q):
         s = [scale * cos(qi, c) for c in cands]
@@ -76,8 +81,9 @@ def test_contrastive_loss_by_hand():
     got = contrastive_loss(torch.tensor(q), torch.tensor(d), torch.tensor(n), scale=50.0)
     assert got.item() == pytest.approx(expected_infonce(q, d + n, 50.0), rel=1e-5)
     # cosine: the scale of the vectors does not matter; bf16 inputs are scored in float32
-    assert contrastive_loss(7 * torch.tensor(q), 0.1 * torch.tensor(d)).item() == \
-        pytest.approx(expected_infonce(q, d, 20.0), rel=1e-5)
+    assert contrastive_loss(7 * torch.tensor(q), 0.1 * torch.tensor(d)).item() == pytest.approx(
+        expected_infonce(q, d, 20.0), rel=1e-5
+    )
     assert contrastive_loss(torch.tensor(q).bfloat16(), torch.tensor(d).bfloat16()).dtype == torch.float32
 
 
@@ -95,15 +101,20 @@ def test_contrastive_identical_views_and_hard_negatives():
 
 
 def test_cosent_by_hand():
-    # cos = 1, 0, 1/sqrt(2); gold order 0 > 2 > 1: three ordered pairs, each adds exp(scale (cos_low - cos_high))
+    # cos = 1, 0, 1/sqrt(2); gold order 0 > 2 > 1: three ordered pairs, each adds exp(scale (cos_low -
+    # cos_high))
     a = torch.tensor([[1.0, 0.0], [2.0, 0.0], [1.0, 0.0]])
     b = torch.tensor([[3.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     c = 1 / math.sqrt(2)
     for scale in (1.0, 20.0):
         want = math.log(1 + math.exp(scale * (0 - 1)) + math.exp(scale * (c - 1)) + math.exp(scale * (0 - c)))
-        assert cosent_loss(a, b, torch.tensor([3.0, 1.0, 2.0]), scale=scale).item() == pytest.approx(want, rel=1e-5)
+        assert cosent_loss(a, b, torch.tensor([3.0, 1.0, 2.0]), scale=scale).item() == pytest.approx(
+            want, rel=1e-5
+        )
     # only the order of the gold scores counts: any increasing map gives the same loss
-    assert cosent_loss(a, b, torch.tensor([5.0, 0.0, 4.9])).item() == pytest.approx(cosent_loss(a, b, torch.tensor([3.0, 1.0, 2.0])).item())
+    assert cosent_loss(a, b, torch.tensor([5.0, 0.0, 4.9])).item() == pytest.approx(
+        cosent_loss(a, b, torch.tensor([3.0, 1.0, 2.0])).item()
+    )
     # ties add nothing: equal gold scores leave log(1) = 0 and no gradient
     x = a.clone().requires_grad_()
     loss = cosent_loss(x, b, torch.tensor([2.0, 2.0, 2.0]))
@@ -127,15 +138,27 @@ def _gather_worker(rank, world_size, init_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         g = torch.Generator().manual_seed(0)
-        X, noise, neg = torch.randn(8, 6, generator=g), torch.randn(8, 6, generator=g), torch.randn(8, 6, generator=g)
+        X, noise, neg = (
+            torch.randn(8, 6, generator=g),
+            torch.randn(8, 6, generator=g),
+            torch.randn(8, 6, generator=g),
+        )
         W0, gold = torch.randn(6, 5, generator=g), torch.rand(8, generator=g)
         for fn in ("simcse", "supervised", "cosent"):
-            def loss_fn(W, rows, gather):  # train.py's way: gather every view (and cosent's scores), then the loss
+
+            def loss_fn(
+                W, rows, gather
+            ):  # train.py's way: gather every view (and cosent's scores), then the loss
                 views = [X[rows] @ W, (X[rows] + 0.3 * noise[rows]) @ W, neg[rows] @ W, gold[rows]]
                 q, d, n, s = (all_gather_with_grad(v) for v in views) if gather else views
                 if fn == "cosent":
                     return cosent_loss(q, n, s)
-                return contrastive_loss(q, d, scale=20.0) if fn == "simcse" else contrastive_loss(q, d, n, scale=50.0)
+                return (
+                    contrastive_loss(q, d, scale=20.0)
+                    if fn == "simcse"
+                    else contrastive_loss(q, d, n, scale=50.0)
+                )
+
             W_full = W0.clone().requires_grad_()
             ref = loss_fn(W_full, slice(0, 8), gather=False)
             ref.backward()

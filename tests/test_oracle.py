@@ -1,4 +1,5 @@
-"""The demo model through l2v vs the reference outputs of transformers / llm2vec / peft (../shared/reference/oracle).
+"""The demo model through l2v vs the reference outputs of transformers / llm2vec / peft
+(../shared/reference/oracle).
 
 Needs the demo model (`python scripts/build_demo_model.py`); skipped otherwise. The model is loaded once
 per module, and each distinct batch is run once (the forward is memoised), because several pooling
@@ -7,21 +8,27 @@ preparation (mean, weighted_mean, last_token) runs every input, including the lo
 doc_max_length and the 512 cut; the other configurations and the adapter use the inputs of at most
 120 tokens. L2V_ORACLE_FULL=1 runs every input everywhere.
 """
+
 import json
 import os
 
 import numpy as np
 import pytest
 import torch
-from conftest import ORACLE
 from safetensors.numpy import load_file
 
 from l2v.checkpoint import load_model
 from l2v.encoder import Encoder
 from l2v.tokenizer import Tokenizer
 
-CONFIGS = ["bidir.mean", "bidir.weighted_mean", "bidir.eos_token", "bidir.last_token",
-           "causal.mean", "causal.weighted_mean"]
+CONFIGS = [
+    "bidir.mean",
+    "bidir.weighted_mean",
+    "bidir.eos_token",
+    "bidir.last_token",
+    "causal.mean",
+    "causal.weighted_mean",
+]
 MIN_COS, MAX_ABS = 0.99999, 1e-3  # the README's suggested tolerances against the bs1 arrays
 FULL = os.environ.get("L2V_ORACLE_FULL", "") not in ("", "0")
 ALL_INPUTS = ("bidir.mean", "bidir.weighted_mean", "bidir.last_token")  # share one forward per part
@@ -33,8 +40,12 @@ def memoise_forward(model):
 
     def cached(input_ids, attention_mask=None, is_causal=None):
         causal = model.config.is_causal if is_causal is None else is_causal
-        key = (causal, tuple(input_ids.shape), input_ids.numpy().tobytes(),
-               None if attention_mask is None else attention_mask.numpy().tobytes())
+        key = (
+            causal,
+            tuple(input_ids.shape),
+            input_ids.numpy().tobytes(),
+            None if attention_mask is None else attention_mask.numpy().tobytes(),
+        )
         if key not in cache:
             cache[key] = forward(input_ids, attention_mask, is_causal)
         return cache[key]
@@ -70,7 +81,9 @@ def compare(ours, ref, what):
     assert ours.shape == ref.shape and ours.dtype == np.float32, what
     cos = (ours * ref).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(ref, axis=1)
     diff = np.abs(ours - ref).max()
-    assert cos.min() >= MIN_COS and diff <= MAX_ABS, f"{what}: min cosine {cos.min():.8f}, max abs diff {diff:.3g}"
+    assert cos.min() >= MIN_COS and diff <= MAX_ABS, (
+        f"{what}: min cosine {cos.min():.8f}, max abs diff {diff:.3g}"
+    )
 
 
 @pytest.mark.parametrize("cfg", CONFIGS)
@@ -115,7 +128,9 @@ def test_layer_outputs_causal(model, oracle_dir):
             h.remove()
     assert len(outs) == 30
     # the residual stream carries a few huge activations (~3e3): compare relatively there
-    np.testing.assert_allclose(torch.stack(outs).numpy(), ref["p0.layer_outputs_causal"], rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(
+        torch.stack(outs).numpy(), ref["p0.layer_outputs_causal"], rtol=1e-5, atol=1e-3
+    )
 
 
 @pytest.mark.parametrize("merge", [True, False], ids=["merged", "unmerged"])
@@ -129,5 +144,4 @@ def test_peft_adapter(demo_model_dir, tok, inputs, oracle_dir, merge):
     name = "merged" if merge else "unmerged"
     for part in ("pairs", "docs"):
         items, idx = inputs[part]
-        compare(enc.encode([items[i] for i in idx]), ref[f"{name}.{part}.bs1"][idx],
-                f"peft {name}.{part}")
+        compare(enc.encode([items[i] for i in idx]), ref[f"{name}.{part}.bs1"][idx], f"peft {name}.{part}")

@@ -1,4 +1,5 @@
 """scripts/sick_triples.py: which SICK pairs become supervised triples, on a hand-made file."""
+
 import importlib.util
 from pathlib import Path
 
@@ -38,9 +39,9 @@ def test_default_set(tmp_path):
     got = by_query(rows)
     assert got["P"] == [("ent1", "con1"), ("rel1", "con1")]
     assert got["Q"] == [("ent2", "far")]
-    (pos, neg), = got["ent1"]  # pairs are read both ways
+    ((pos, neg),) = got["ent1"]  # pairs are read both ways
     assert pos == "P" and neg not in ("P", "ent1")
-    (pos, neg), = got["R"]
+    ((pos, neg),) = got["R"]
     assert pos == "ent3" and neg not in ("R", "ent3")
     assert all(r["instruction"] == "inst" for r in rows)
     assert "con1" not in got and "far" not in got  # no entailed or related partner: no triple

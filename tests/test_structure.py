@@ -7,9 +7,9 @@ import sys
 
 import pytest
 import torch.nn.functional as F
+from conftest import ROOT
 
 import train
-from conftest import ROOT
 
 RUNTIME = {"torch", "numpy", "safetensors", "tokenizers", "einops", "tqdm"}
 OPTIONAL = {"huggingface_hub", "mteb"}  # imported lazily, inside functions, with a hint when missing
@@ -36,7 +36,9 @@ def test_the_library_imports_nothing_outside_itself():
     for path in python_files("l2v"):
         for module, at_top in imports(path):
             name = module.split(".")[0]
-            assert name in RUNTIME | OPTIONAL or name in sys.stdlib_module_names, f"{path.name} imports {module}"
+            assert name in RUNTIME | OPTIONAL or name in sys.stdlib_module_names, (
+                f"{path.name} imports {module}"
+            )
             assert name not in OPTIONAL or not at_top, f"{path.name} imports the optional {module} eagerly"
 
 
@@ -58,7 +60,9 @@ def test_train_py_never_asks_which_objective_it_runs():
 def test_line_budgets():
     lines = {p: len(p.read_text().splitlines()) for p in [ROOT / "train.py"] + python_files("l2v")}
     assert lines[ROOT / "train.py"] <= 350
-    reader = [ROOT / "train.py"] + [ROOT / "l2v" / f for f in ("model.py", "lora.py", "encoder.py", "objectives.py")]
+    reader = [ROOT / "train.py"] + [
+        ROOT / "l2v" / f for f in ("model.py", "lora.py", "encoder.py", "objectives.py")
+    ]
     assert sum(lines[p] for p in reader) <= 1700, {p.name: lines[p] for p in reader}
 
 
@@ -79,7 +83,9 @@ def triplet_objective():
             return read_examples(path)
 
         def texts(self, rows):
-            return [(r["instruction"], r["query"]) for r in rows] + [r[k] for k in ("positive", "negative") for r in rows]
+            return [(r["instruction"], r["query"]) for r in rows] + [
+                r[k] for k in ("positive", "negative") for r in rows
+            ]
 
         def view_loss(self, views, targets):
             q, p, n = (F.normalize(v.float(), dim=-1) for v in views)
@@ -88,18 +94,50 @@ def triplet_objective():
     return Triplet
 
 
-def test_a_new_objective_trains_through_train_py_untouched(tiny_dir, text_files, tmp_path, monkeypatch, capsys):
+def test_a_new_objective_trains_through_train_py_untouched(
+    tiny_dir, text_files, tmp_path, monkeypatch, capsys
+):
     from l2v.objectives import OBJECTIVES
 
     monkeypatch.setitem(OBJECTIVES, "triplet", triplet_objective())
     out = tmp_path / "triplet"
-    train.main(["--objective", "triplet", "--model", str(tiny_dir), "--train_file", str(text_files / "triples.jsonl"),
-                "--output_dir", str(out), "--max_steps", "2", "--max_seq_length", "32", "--lora_r", "4",
-                "--autocast", "none", "--progress", "false", "--log_every", "1", "--micro_batch_size", "4"])
+    train.main(
+        [
+            "--objective",
+            "triplet",
+            "--model",
+            str(tiny_dir),
+            "--train_file",
+            str(text_files / "triples.jsonl"),
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "2",
+            "--max_seq_length",
+            "32",
+            "--lora_r",
+            "4",
+            "--autocast",
+            "none",
+            "--progress",
+            "false",
+            "--log_every",
+            "1",
+            "--micro_batch_size",
+            "4",
+        ]
+    )
     cfg = json.loads((out / "final" / "train_config.json").read_text())
-    assert (cfg["objective"], cfg["lr"], cfg["batch_size"], cfg["scale"]) == ("triplet", 1e-3, 8, 0.2)  # its defaults
+    assert (cfg["objective"], cfg["lr"], cfg["batch_size"], cfg["scale"]) == (
+        "triplet",
+        1e-3,
+        8,
+        0.2,
+    )  # its defaults
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log if "loss" in r] == [1, 2] and all(r["loss"] > 0 for r in log if "loss" in r)
+    assert [r["step"] for r in log if "loss" in r] == [1, 2] and all(
+        r["loss"] > 0 for r in log if "loss" in r
+    )
     from safetensors.torch import load_file
 
     b = [t for k, t in load_file(out / "final" / "adapter_model.safetensors").items() if "lora_B" in k]
@@ -113,4 +151,3 @@ def test_an_unregistered_objective_is_one_line(capsys):
         train.main(["--objective", "triplet", "--train_file", "x.txt"])
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--objective" in err[0] and "triplet" in err[0] and "mntp" in err[0]
-

@@ -1,4 +1,5 @@
 """l2v.tokenizer against the reference ids (tokenization.json) and its error behaviour."""
+
 import json
 import shutil
 
@@ -36,7 +37,13 @@ def test_demo_tokenizer_identical_to_reference():
         pytest.skip("needs both the demo model (make setup) and ../shared/reference")
     a, b = Tokenizer(DEMO_MODEL), Tokenizer(REF_TOKENIZER)
     assert a.tok.get_vocab() == b.tok.get_vocab()
-    assert (a.bos_id, a.eos_id, a.pad_id, a.unk_id, a.special_ids) == (b.bos_id, b.eos_id, b.pad_id, b.unk_id, b.special_ids)
+    assert (a.bos_id, a.eos_id, a.pad_id, a.unk_id, a.special_ids) == (
+        b.bos_id,
+        b.eos_id,
+        b.pad_id,
+        b.unk_id,
+        b.special_ids,
+    )
 
 
 def test_empty_and_special_ids(tok):

@@ -71,7 +71,7 @@ SIZES = {  # texts per figure (0 = all), MNTP (rows, tokens), training steps aft
         simcse=256,
         wiki=0,
         mntp=(1, 8),
-        warmup=1,
+        warmup=0,  # a step at batch 256 takes minutes on 2 cores: time the first two
         steps=2,
         repeats=1,
         matmul_n=64,

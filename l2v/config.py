@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -270,9 +271,10 @@ def pick_demo_preset(objective: str) -> Path:
     )
     if not preset.is_file() or not DATA_DIR.is_dir():
         raise UserError(f"--train_file: required (a .txt, .raw, .json or .jsonl file): {example}")
-    print(
-        f"train.py: no --config or --train_file: the demo preset {preset.relative_to(REPO)} "
-        f"(demo model, data from {DATA_DIR})",
-        flush=True,
-    )
+    if int(os.environ.get("RANK", "0") or 0) == 0:  # once under torchrun
+        print(
+            f"train.py: no --config or --train_file: the demo preset {preset.relative_to(REPO)} "
+            f"(demo model, data from {DATA_DIR})",
+            flush=True,
+        )
     return preset

@@ -38,6 +38,12 @@ def test_bare_train_takes_the_objective_demo_preset(objective, capsys):
     assert f"the demo preset configs/{objective}/smollm2-135m.json" in capsys.readouterr().out
 
 
+@needs_data
+def test_the_demo_preset_is_announced_by_rank_0_only(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "1")
+    assert parse_config([]).objective == "mntp" and capsys.readouterr().out == ""
+
+
 def test_bare_train_without_data_is_one_line_from_rank_0(tmp_path):
     env = {**ENV, "L2V_SHARED": str(tmp_path / "no-shared")}
     res = subprocess.run([sys.executable, "train.py"], cwd=ROOT, env=env, capture_output=True, text=True)

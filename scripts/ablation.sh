@@ -8,6 +8,7 @@
 #        | supervised-sick | supervised-sick-eol | supervised-sick-548   (SICK-train triples: KE prompt; PromptEOL; the first set)
 #        | supervised-sick-cosent                               (supervised-sick, then CoSENT on SICK-train's graded pairs)
 #        | supervised-sick-b256                                 (supervised-sick at batch 256: needs a GPU)
+#        | supervised-sick-b256-cpu                             (the same in cached micro-batches of 32: a CPU)
 #        | bi-mntp-lr1e-3 | bi-mntp-lr1e-3-simcse | uni-simcse | bi-simcse   (Bi+MNTP at one CPU-hour; SimCSE ablations)
 # Trains what the row needs (configs/ablation/*.json, outputs in runs/ablation/) unless its adapter
 # exists, then evaluates into docs/results/ROW.json. TASKS defaults to the dev sets and the 7 STS test
@@ -58,6 +59,8 @@ case "$row" in
                   ev "${ke[@]}" --sts-instruction '' --adapter $a/supervised-sick/final --adapter $a/supervised-sick-cosent/final ;;
   supervised-sick-b256) "$py" scripts/sick_triples.py && train supervised-sick-b256 &&
                   ev "${ke[@]}" --sts-instruction '' --autocast none --adapter $a/supervised-sick-b256/final ;;
+  supervised-sick-b256-cpu) "$py" scripts/sick_triples.py && train supervised-sick-b256-cpu &&
+                  ev "${ke[@]}" --sts-instruction '' --autocast none --adapter $a/supervised-sick-b256-cpu/final ;;
   supervised-sick-eol) "$py" scripts/sick_triples.py &&
                   train supervised-sick-eol && ev "${eol[@]}" --sts-instruction '' --adapter $a/supervised-sick-eol/final ;;
   supervised-sick-548) "$py" scripts/sick_triples.py --negatives contradiction --min-related 0 --out data/sick-train-triples-548.jsonl &&

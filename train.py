@@ -255,7 +255,7 @@ def train(argv: list[str]) -> None:
 
     rec = dict(event="start", objective=cfg.objective, world_size=world, train_examples=len(run.data))
     rec |= dict(accum=cfg.batch_size // world // cfg.micro_batch_size) | objective.describe(world)
-    print0(json.dumps(rec | dict(trainable_params=sum(p.numel() for p in params), device=str(device))))
+    log(rec | dict(trainable_params=sum(p.numel() for p in params), device=str(device), resumed_at=step))
     # Global batches depend on (seed, epoch) only, never on the world size (see micro_batch_positions).
     positions = micro_batch_positions(cfg.batch_size, cfg.micro_batch_size, rank, world)
     epoch_of = lambda e: batches(len(run.data), cfg.batch_size, seed=cfg.seed, epoch=e, groups=run.groups)

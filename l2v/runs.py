@@ -118,7 +118,7 @@ def log_until(path: Path, step: int) -> list[dict]:
             isinstance(rec, dict)
             and isinstance(rec.get("step", 0), int)
             and rec.get("step", 0) <= step
-            and "event" not in rec
+            and rec.get("event", "start") == "start"  # each (re)start's record stays; "end" does not
         ):
             recs.append(rec)
     return recs

@@ -104,6 +104,8 @@ def test_train_py_cached_equals_full_batch_and_two_processes(objective, tiny_dir
         + ["--micro_batch_size", "4"]
     )
     start = json.loads(next(x for x in cached.stdout.splitlines() if '"event": "start"' in x))
+    logged = [json.loads(x) for x in (tmp_path / "cached" / "log.jsonl").read_text().splitlines()]
+    assert logged[0] == start  # the log file's first record too
     views = 3 if objective == "supervised" else 2
     assert (start["accum"], start["contrastive_batch"], start["negatives_per_example"]) == (
         4,
@@ -143,3 +145,7 @@ def test_cached_resume_is_bitwise_identical(tiny_dir, text_files, tmp_path):
     run(cut + ["--resume", "true"])
     a, b = adapter(tmp_path / "full" / "final"), adapter(tmp_path / "cut" / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    log = [json.loads(x) for x in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    # every (re)start's record stays, the interrupted run's end record does not; steps 1-4 once each
+    assert [r["resumed_at"] for r in log if r.get("event") == "start"] == [0, 2]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4] and log[-1]["event"] == "end"

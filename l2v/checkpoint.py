@@ -193,7 +193,9 @@ def _check_rope_scaling(rope: dict, key: str, source: str) -> None:
 def _rope(hf: dict, source: str, default_theta: float) -> tuple[float, dict | None, float | None]:
     """(theta, scaling or None, local layers' theta or None) from the flat keys of transformers 4
     (rope_theta, rope_scaling; Gemma 3's rope_local_base_freq) or transformers 5's `rope_parameters`
-    (one dict, or for Gemma 3 one per layer type). Scaling applies to global layers only."""
+    (one dict, or for Gemma 3 one per layer type). Scaling applies to global layers only. Where a file
+    has both, each value is taken as transformers 5 takes it: a dict's own rope_theta before the flat
+    keys, and rope_scaling in place of a flat rope_parameters (for Gemma 3, merged into the global one)."""
     for key in ("rope_parameters", "rope_scaling"):
         if hf.get(key) is not None and not isinstance(hf[key], dict):
             raise ValueError(f"{source}: {key} must be an object or null, got {hf[key]!r}")
@@ -205,11 +207,16 @@ def _rope(hf: dict, source: str, default_theta: float) -> tuple[float, dict | No
                 f"{source}: unsupported rope_parameters.sliding_attention type "
                 f"{local['rope_type']!r}; l2v scales the global layers' RoPE only"
             )
-    key = "rope_theta" if "rope_theta" in hf else "rope_parameters.rope_theta"
-    theta = _real({key: hf.get("rope_theta", params.get("rope_theta"))}, key, source, default_theta)
-    rope = dict(hf.get("rope_scaling") or {})
-    if not rope and params.get("rope_type", "default") != "default":
-        rope = {k: v for k, v in params.items() if k != "rope_theta"}
+    nested = local is not None
+    if hf.get("rope_scaling"):
+        params = {**params, **hf["rope_scaling"]} if nested else dict(hf["rope_scaling"])
+    if params.get("rope_theta") is not None:
+        dict_key = "rope_scaling" if "rope_theta" in (hf.get("rope_scaling") or {}) else "rope_parameters"
+        key = f"{dict_key}{'.full_attention' * nested}.rope_theta"
+        theta = _real({key: params["rope_theta"]}, key, source, default_theta)
+    else:
+        theta = _real(hf, "rope_theta", source, default_theta)
+    rope = {k: v for k, v in params.items() if k != "rope_theta"}
     kind = rope.get("rope_type", rope.get("type", "default"))
     key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
     if kind not in SUPPORTED_ROPE_TYPES:
@@ -218,8 +225,11 @@ def _rope(hf: dict, source: str, default_theta: float) -> tuple[float, dict | No
     _check_rope_scaling(rope, key, source)
     local_theta = None
     if hf.get("model_type") in GEMMA3:
-        local = {"rope_local_base_freq": hf.get("rope_local_base_freq", (local or {}).get("rope_theta"))}
-        local_theta = _real(local, "rope_local_base_freq", source, 10000.0)
+        if (local or {}).get("rope_theta") is not None:
+            key = "rope_parameters.sliding_attention.rope_theta"
+            local_theta = _real({key: local["rope_theta"]}, key, source, 10000.0)
+        else:
+            local_theta = _real(hf, "rope_local_base_freq", source, 10000.0)
     return theta, None if kind == "default" else rope, local_theta
 
 
@@ -510,7 +520,8 @@ def _headers(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
 def check_weights(folder: str | os.PathLike, model: Transformer) -> dict[str, str]:
     """The weight files of `folder` checked against `model` (a meta model will do) from their headers: every
     tensor it needs once, of its shape and a floating dtype, nothing else. Returns {l2v key: the file's
-    own name for it}."""
+    own name for it}. Untied files without lm_head.weight are a base model saved alone (Qwen3-Embedding's
+    Qwen3Model, as transformers saves it): `model.config.has_lm_head` becomes False."""
     folder, cfg = Path(folder), model.config
     expected, names, origin = model.state_dict(), {}, {}
     for path in weight_files(folder):
@@ -531,6 +542,9 @@ def check_weights(folder: str | os.PathLike, model: Transformer) -> dict[str, st
                     "model weights are floating point"
                 )
             names[key], origin[key] = hf_key, path.name
+    if "lm_head.weight" in expected and "lm_head.weight" not in names:
+        cfg.has_lm_head = False
+        expected = {k: v for k, v in expected.items() if k != "lm_head.weight"}
     missing = sorted(set(expected) - set(names))
     unexpected = sorted(set(names) - set(expected))
     if missing or unexpected:
@@ -567,6 +581,8 @@ def load_model(
         cfg.attention_dropout = attention_dropout
     model = meta_model(cfg)
     names = check_weights(folder, model)
+    if not cfg.has_lm_head:
+        model.lm_head = None
     state = {}
     for path in weight_files(folder):
         for hf_key, t in read_safetensors(path, dtype):

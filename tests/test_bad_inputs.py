@@ -310,6 +310,8 @@ MODELS = {  # name in {m}: edit of a copy of the tiny model (weights symlinked u
         (m / "config.json").read_text().replace('"llama"', '"llama", "name": "caf\xe9"').encode("latin-1")
     ),
     "config-deep": write("config.json", DEEP),
+    # an untied base model saved alone (Qwen3-Embedding-8B): no lm_head.weight
+    "untied-no-lm-head": set_json("config.json", tie_word_embeddings=False),
     "index-bad-value": lambda m: (
         (m / "model.safetensors").unlink(),
         (m / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"model.norm.weight": 5}})),
@@ -1326,8 +1328,16 @@ CASES = [
             "ok",
             check=same_as_good,
         )
-        for name in ("config-utf16", "config-utf8-bom", "tokenizer-utf8-bom")
+        for name in ("config-utf16", "config-utf8-bom", "tokenizer-utf8-bom", "untied-no-lm-head")
     ],
+    Case(
+        "train/model-untied-no-lm-head-mntp",
+        "model",
+        "train",
+        T() + ["--model", "{m}/untied-no-lm-head"],
+        "error",
+        ("--model", "untied-no-lm-head", "lm_head.weight", "mntp"),
+    ),
     # ================================================================ 3 adapter folders
     *[
         Case(f"{cli}/adapter-{name}", "adapter", cli, args, "error", words)

@@ -37,7 +37,8 @@ DTYPES = {
 
 
 def resolve_dtype(dtype) -> torch.dtype:
-    if not isinstance(dtype, torch.dtype) and dtype not in DTYPES:
+    # a torch.dtype too, but only one of these: float64 or integer weights are not what the model runs in
+    if dtype not in DTYPES.values() and (not isinstance(dtype, str) or dtype not in DTYPES):
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     return DTYPES.get(dtype, dtype)
 
@@ -131,10 +132,12 @@ def _positive(hf: dict, key: str, default, source: str):
 
 
 REQUIRED = object()
+MAX_INT = 2**31 - 1  # beyond any real size; a larger one fails inside torch with a C++ stack dump
 
 
 def _integer(hf: dict, key: str, source: str, default=REQUIRED, minimum: int = 1):
-    """hf[key] as an integer >= minimum (a bool is not one); `default` when absent or null, if it has one."""
+    """hf[key] as an integer in [minimum, MAX_INT] (a bool is not one); `default` when absent or null, if it
+    has one."""
     value = hf.get(key)
     if value is None and default is not REQUIRED:
         return default
@@ -142,6 +145,8 @@ def _integer(hf: dict, key: str, source: str, default=REQUIRED, minimum: int = 1
         raise ValueError(f"{source}: missing required key {key!r}")
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{source}: {key} must be an integer >= {minimum}, got {value!r}")
+    if value > MAX_INT:
+        raise ValueError(f"{source}: {key} must be at most 2**31 - 1, got {value!r}")
     return value
 
 
@@ -463,6 +468,11 @@ def weight_files(folder: str | os.PathLike) -> list[Path]:
     """The safetensors files of a folder: one `model.safetensors` or the shards of an index."""
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
+    if index.is_file() and (folder / "model.safetensors").is_file():
+        # transformers would load the single file, an index reader the shards: one of them is stale
+        raise ValueError(
+            f"{folder}: both model.safetensors and model.safetensors.index.json; remove the one that is stale"
+        )
     if index.is_file():
         weight_map = read_json(index)
         weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
@@ -527,8 +537,8 @@ def check_weights(folder: str | os.PathLike, model: Transformer) -> dict[str, st
     for path in weight_files(folder):
         for hf_key, (shape, dtype) in _headers(path).items():
             key = hf_name_to_l2v(hf_key, cfg.model_type)
-            if key is None or (key == "lm_head.weight" and cfg.tie_word_embeddings):
-                continue  # a vision tower, or a tied checkpoint's redundant copy of the embedding
+            if key is None or (key == "lm_head.weight" and cfg.tie_word_embeddings) or _derived(key):
+                continue  # a vision tower, a tied checkpoint's copy of the embedding, RoPE's frequencies
             if key in names:
                 raise ValueError(f"{path}: tensor {hf_key!r} also in {origin[key]}")
             if key in expected and shape != tuple(expected[key].shape):
@@ -558,6 +568,12 @@ def check_weights(folder: str | os.PathLike, model: Transformer) -> dict[str, st
             f"[{show(missing)}]; {len(unexpected)} unexpected [{show(unexpected)}]"
         )
     return names
+
+
+def _derived(key: str) -> bool:
+    """RoPE's inverse frequencies, which older Llama checkpoints saved as tensors: computed from config.json,
+    and ignored by transformers too."""
+    return key.endswith("rotary_emb.inv_freq")
 
 
 DTYPE_NAMES = {"I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
@@ -599,6 +615,7 @@ def save_model_with(model: Transformer, dest: str | os.PathLike, files=(), dtype
     """save_model, plus `files` copied in (a tokenizer, encoder settings), into a temporary folder beside
     `dest` that is then renamed into place: an empty `dest` is replaced, never a half-written one left."""
     dest = Path(dest)
+    dest = dest.resolve() if dest.is_symlink() else dest  # a link to an empty folder: fill the folder
     tmp = dest.with_name(f".tmp-{dest.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     with folder_write(dest, tmp):

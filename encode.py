@@ -153,7 +153,9 @@ def run(args):
             f"--out: {len(inputs)} texts are too many to print a similarity matrix; pass --out FILE.npy"
         )
     if args.out is not None:
-        check_out_file(args.out, "--out", ".npy")
+        check_out_file(
+            args.out, "--out", ".npy", [("--model", args.model), *(("--adapter", a) for a in args.adapter)]
+        )
     keep = [i for i, x in enumerate(inputs) if x is not None]
     try:
         enc = encoder_from_args(args, check_inputs=[inputs[i] for i in keep])

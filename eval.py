@@ -119,7 +119,12 @@ def evaluate(args):
         raise UserError(f"--data-dir {args.data_dir}: folder not found")
     data = {name: TASKS[name].load(args.data_dir) for name in tasks}  # every file read before the model loads
     on_mteb = mteb_tasks(args.mteb)
-    check_out_file(args.out, "--out", ".json")
+    reads = [
+        ("--model", args.model),
+        *(("--adapter", a) for a in args.adapter),
+        ("--data-dir", args.data_dir),
+    ]
+    check_out_file(args.out, "--out", ".json", reads)
     t0 = time.perf_counter()
     # Each task's instruction must leave room for a text within max_length: checked before the weights load.
     instructions = {args.sts_instruction if TASKS[n].kind == "sts" else TASKS[n].instruction for n in tasks}

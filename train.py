@@ -82,6 +82,11 @@ def check_run(cfg: TrainConfig) -> Run:
     sts = read_stsb(cfg.eval_sts_file) if cfg.eval_sts_file else None
     meta = meta_model(model_cfg)  # shapes are checked on a model that holds no weights
     check_weights(cfg.model, meta)
+    if objective.needs_lm_head and not model_cfg.has_lm_head:
+        raise UserError(
+            f"--model {cfg.model}: its weights hold no lm_head.weight (an untied base model saved alone); "
+            f"--objective {cfg.objective} predicts tokens with the LM head"
+        )
     for folder in cfg.init_adapter:
         read_adapter(folder, meta)
     try:

@@ -37,7 +37,8 @@ DTYPES = {
 
 
 def resolve_dtype(dtype) -> torch.dtype:
-    if not isinstance(dtype, torch.dtype) and dtype not in DTYPES:
+    # a torch.dtype too, but only one of these: float64 or integer weights are not what the model runs in
+    if dtype not in DTYPES.values() and (not isinstance(dtype, str) or dtype not in DTYPES):
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     return DTYPES.get(dtype, dtype)
 
@@ -131,10 +132,12 @@ def _positive(hf: dict, key: str, default, source: str):
 
 
 REQUIRED = object()
+MAX_INT = 2**31 - 1  # beyond any real size; a larger one fails inside torch with a C++ stack dump
 
 
 def _integer(hf: dict, key: str, source: str, default=REQUIRED, minimum: int = 1):
-    """hf[key] as an integer >= minimum (a bool is not one); `default` when absent or null, if it has one."""
+    """hf[key] as an integer in [minimum, MAX_INT] (a bool is not one); `default` when absent or null, if it
+    has one."""
     value = hf.get(key)
     if value is None and default is not REQUIRED:
         return default
@@ -142,6 +145,8 @@ def _integer(hf: dict, key: str, source: str, default=REQUIRED, minimum: int = 1
         raise ValueError(f"{source}: missing required key {key!r}")
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{source}: {key} must be an integer >= {minimum}, got {value!r}")
+    if value > MAX_INT:
+        raise ValueError(f"{source}: {key} must be at most 2**31 - 1, got {value!r}")
     return value
 
 
@@ -193,7 +198,9 @@ def _check_rope_scaling(rope: dict, key: str, source: str) -> None:
 def _rope(hf: dict, source: str, default_theta: float) -> tuple[float, dict | None, float | None]:
     """(theta, scaling or None, local layers' theta or None) from the flat keys of transformers 4
     (rope_theta, rope_scaling; Gemma 3's rope_local_base_freq) or transformers 5's `rope_parameters`
-    (one dict, or for Gemma 3 one per layer type). Scaling applies to global layers only."""
+    (one dict, or for Gemma 3 one per layer type). Scaling applies to global layers only. Where a file
+    has both, each value is taken as transformers 5 takes it: a dict's own rope_theta before the flat
+    keys, and rope_scaling in place of a flat rope_parameters (for Gemma 3, merged into the global one)."""
     for key in ("rope_parameters", "rope_scaling"):
         if hf.get(key) is not None and not isinstance(hf[key], dict):
             raise ValueError(f"{source}: {key} must be an object or null, got {hf[key]!r}")
@@ -205,11 +212,16 @@ def _rope(hf: dict, source: str, default_theta: float) -> tuple[float, dict | No
                 f"{source}: unsupported rope_parameters.sliding_attention type "
                 f"{local['rope_type']!r}; l2v scales the global layers' RoPE only"
             )
-    key = "rope_theta" if "rope_theta" in hf else "rope_parameters.rope_theta"
-    theta = _real({key: hf.get("rope_theta", params.get("rope_theta"))}, key, source, default_theta)
-    rope = dict(hf.get("rope_scaling") or {})
-    if not rope and params.get("rope_type", "default") != "default":
-        rope = {k: v for k, v in params.items() if k != "rope_theta"}
+    nested = local is not None
+    if hf.get("rope_scaling"):
+        params = {**params, **hf["rope_scaling"]} if nested else dict(hf["rope_scaling"])
+    if params.get("rope_theta") is not None:
+        dict_key = "rope_scaling" if "rope_theta" in (hf.get("rope_scaling") or {}) else "rope_parameters"
+        key = f"{dict_key}{'.full_attention' * nested}.rope_theta"
+        theta = _real({key: params["rope_theta"]}, key, source, default_theta)
+    else:
+        theta = _real(hf, "rope_theta", source, default_theta)
+    rope = {k: v for k, v in params.items() if k != "rope_theta"}
     kind = rope.get("rope_type", rope.get("type", "default"))
     key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
     if kind not in SUPPORTED_ROPE_TYPES:
@@ -218,8 +230,11 @@ def _rope(hf: dict, source: str, default_theta: float) -> tuple[float, dict | No
     _check_rope_scaling(rope, key, source)
     local_theta = None
     if hf.get("model_type") in GEMMA3:
-        local = {"rope_local_base_freq": hf.get("rope_local_base_freq", (local or {}).get("rope_theta"))}
-        local_theta = _real(local, "rope_local_base_freq", source, 10000.0)
+        if (local or {}).get("rope_theta") is not None:
+            key = "rope_parameters.sliding_attention.rope_theta"
+            local_theta = _real({key: local["rope_theta"]}, key, source, 10000.0)
+        else:
+            local_theta = _real(hf, "rope_local_base_freq", source, 10000.0)
     return theta, None if kind == "default" else rope, local_theta
 
 
@@ -453,6 +468,11 @@ def weight_files(folder: str | os.PathLike) -> list[Path]:
     """The safetensors files of a folder: one `model.safetensors` or the shards of an index."""
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
+    if index.is_file() and (folder / "model.safetensors").is_file():
+        # transformers would load the single file, an index reader the shards: one of them is stale
+        raise ValueError(
+            f"{folder}: both model.safetensors and model.safetensors.index.json; remove the one that is stale"
+        )
     if index.is_file():
         weight_map = read_json(index)
         weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
@@ -510,14 +530,15 @@ def _headers(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
 def check_weights(folder: str | os.PathLike, model: Transformer) -> dict[str, str]:
     """The weight files of `folder` checked against `model` (a meta model will do) from their headers: every
     tensor it needs once, of its shape and a floating dtype, nothing else. Returns {l2v key: the file's
-    own name for it}."""
+    own name for it}. Untied files without lm_head.weight are a base model saved alone (Qwen3-Embedding's
+    Qwen3Model, as transformers saves it): `model.config.has_lm_head` becomes False."""
     folder, cfg = Path(folder), model.config
     expected, names, origin = model.state_dict(), {}, {}
     for path in weight_files(folder):
         for hf_key, (shape, dtype) in _headers(path).items():
             key = hf_name_to_l2v(hf_key, cfg.model_type)
-            if key is None or (key == "lm_head.weight" and cfg.tie_word_embeddings):
-                continue  # a vision tower, or a tied checkpoint's redundant copy of the embedding
+            if key is None or (key == "lm_head.weight" and cfg.tie_word_embeddings) or _derived(key):
+                continue  # a vision tower, a tied checkpoint's copy of the embedding, RoPE's frequencies
             if key in names:
                 raise ValueError(f"{path}: tensor {hf_key!r} also in {origin[key]}")
             if key in expected and shape != tuple(expected[key].shape):
@@ -531,6 +552,9 @@ def check_weights(folder: str | os.PathLike, model: Transformer) -> dict[str, st
                     "model weights are floating point"
                 )
             names[key], origin[key] = hf_key, path.name
+    if "lm_head.weight" in expected and "lm_head.weight" not in names:
+        cfg.has_lm_head = False
+        expected = {k: v for k, v in expected.items() if k != "lm_head.weight"}
     missing = sorted(set(expected) - set(names))
     unexpected = sorted(set(names) - set(expected))
     if missing or unexpected:
@@ -544,6 +568,12 @@ def check_weights(folder: str | os.PathLike, model: Transformer) -> dict[str, st
             f"[{show(missing)}]; {len(unexpected)} unexpected [{show(unexpected)}]"
         )
     return names
+
+
+def _derived(key: str) -> bool:
+    """RoPE's inverse frequencies, which older Llama checkpoints saved as tensors: computed from config.json,
+    and ignored by transformers too."""
+    return key.endswith("rotary_emb.inv_freq")
 
 
 DTYPE_NAMES = {"I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
@@ -567,6 +597,8 @@ def load_model(
         cfg.attention_dropout = attention_dropout
     model = meta_model(cfg)
     names = check_weights(folder, model)
+    if not cfg.has_lm_head:
+        model.lm_head = None
     state = {}
     for path in weight_files(folder):
         for hf_key, t in read_safetensors(path, dtype):
@@ -583,6 +615,7 @@ def save_model_with(model: Transformer, dest: str | os.PathLike, files=(), dtype
     """save_model, plus `files` copied in (a tokenizer, encoder settings), into a temporary folder beside
     `dest` that is then renamed into place: an empty `dest` is replaced, never a half-written one left."""
     dest = Path(dest)
+    dest = dest.resolve() if dest.is_symlink() else dest  # a link to an empty folder: fill the folder
     tmp = dest.with_name(f".tmp-{dest.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     with folder_write(dest, tmp):

@@ -47,12 +47,18 @@ def positive_int(raw: str) -> int:
     return int(raw)
 
 
-def check_out_file(path: Path, flag: str, suffix: str) -> None:
-    """Refuse an output path that cannot be written, before any work is done."""
+def check_out_file(path: Path, flag: str, suffix: str, reads=()) -> None:
+    """Refuse an output path that cannot be written, or that would replace a file of a folder the run reads
+    (`reads`: (flag, folder) pairs; a model's config.json is a .json file too), before any work is done."""
     if path.suffix != suffix:
         raise UserError(f"{flag} {path}: expected a {suffix} file name")
     if path.is_dir():
         raise UserError(f"{flag} {path}: is a folder")
+    if path.exists() or path.is_symlink():  # a new file beside the inputs harms nothing
+        where = path.parent.resolve()
+        for read_flag, folder in reads:
+            if Path(folder).is_dir() and where.is_relative_to(Path(folder).resolve()):
+                raise UserError(f"{flag} {path}: would replace a file in {read_flag} {folder}, which is read")
     parent = path.parent
     while not parent.exists():
         parent = parent.parent

@@ -25,6 +25,8 @@ CHECKS = {
     ">=2": lambda v: v >= 2,
     "in [0, 1)": lambda v: 0 <= v < 1,
     "in (0, 1)": lambda v: 0 < v < 1,
+    # the random generators' range; seeds of the masks and dropout derive from seed * 1_000_003 + step
+    ">=0 and < 2**32": lambda v: 0 <= v < 2**32,
 }
 
 
@@ -67,7 +69,7 @@ class TrainConfig:
     warmup_steps: int = opt(0, "linear warmup steps", ">=0")
     weight_decay: float = opt(0.0, "AdamW weight decay", ">=0")
     grad_clip: float = opt(1.0, "max gradient norm (0 = off)", ">=0")
-    seed: int = opt(42, "data order, masks, LoRA init, dropout", ">=0")
+    seed: int = opt(42, "data order, masks, LoRA init, dropout", ">=0 and < 2**32")
     lora_r: int = opt(16, "LoRA rank", ">=1")
     lora_alpha: float = opt(32.0, "LoRA alpha (scaling alpha / r)", ">0")
     lora_dropout: float = opt(0.05, "dropout on the LoRA input", "in [0, 1)")
@@ -173,6 +175,8 @@ def from_string(key: str, raw: str):
         if isinstance(default, list):
             items = json.loads(raw) if raw.startswith("[") else [s for s in raw.split(",") if s]
             return [int(v) if LIST_ITEMS[key] is int and isinstance(v, str) else v for v in items]
+        if "_" in raw and isinstance(default, (int, float)):  # int("1_0") is 10: Python's digit separator
+            raise ValueError
         return type(default)(raw)
     except (ValueError, KeyError):
         raise UserError(f"--{key}: cannot read {raw!r} as {type(default).__name__}") from None
@@ -240,6 +244,12 @@ def parse_config(argv: list[str], objectives=OBJECTIVES) -> TrainConfig:
     for key, value in file_cfg.items():  # a flag overriding a key leaves the file's value wrong all the same
         if key != "objective":
             check_value(key, value, f"{config}: {key}")
+    if "objective" in file_cfg and not (
+        isinstance(file_cfg["objective"], str) and file_cfg["objective"] in objectives
+    ):
+        raise UserError(
+            f"{config}: objective: {file_cfg['objective']!r} is not one of {', '.join(objectives)}"
+        )
     if "objective" in flags and "objective" in file_cfg and flags["objective"] != file_cfg["objective"]:
         raise UserError(
             f"--objective {flags['objective']}: {config} is a preset for {file_cfg['objective']!r} "
@@ -252,6 +262,10 @@ def parse_config(argv: list[str], objectives=OBJECTIVES) -> TrainConfig:
     cfg = {**DEFAULTS, **objectives[objective].defaults, **file_cfg, **flags}
     for key, value in cfg.items():
         check_value(key, value, f"--{key}" if key in flags else f"{config}: {key}")
+    for key in ("model", "output_dir", "train_file"):  # "" is Path("."), the current folder
+        if not cfg[key].strip():
+            where = f"--{key}" if key in flags else f"{config}: {key}" if key in file_cfg else f"--{key}"
+            raise UserError(f"{where}: required, got {cfg[key]!r}")
     check_prompt(cfg["prompt"], "--prompt" if "prompt" in flags else f"{config}: prompt")
     if cfg["eval_every"] and not (cfg["eval_file"] or cfg["eval_sts_file"]):
         raise UserError("--eval_every: needs --eval_file or --eval_sts_file")

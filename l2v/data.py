@@ -39,6 +39,11 @@ def read_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
                     raise ValueError(
                         f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})"
                     ) from None
+                if "\0" in line:  # valid UTF-8, but no text file holds one: UTF-16 without a BOM, or binary
+                    raise ValueError(
+                        f"{path}:{lineno}: a NUL byte at character {line.index(chr(0))} "
+                        "(UTF-16 without a byte order mark, or not a text file?)"
+                    )
                 # Only the line ending goes: leading spaces are part of WikiText's raw format
                 # (` = Title = `, ` The game ...`) and tokenize differently without them.
                 yield lineno, line
@@ -86,8 +91,13 @@ def field(item, where: str, key: str, default=None) -> str:
     if isinstance(item, str) and (key == "text" or default is not None):
         return field({"text": item}, where, "text") if key == "text" else default
     if not isinstance(item, dict):
-        raise ValueError(f'{where}: expected an object with "{key}", got {type(item).__name__}')
-    value = item.get(key, default)
+        got = "null" if item is None else type(item).__name__
+        raise ValueError(f'{where}: expected an object with "{key}", got {got}')
+    value = item.get(key)
+    if value is None and default is not None:  # null for an optional field: as if left out, as in config.json
+        return default
+    if value is None and key in item:
+        raise ValueError(f'{where}: "{key}" is null')
     if value is None:
         raise ValueError(f'{where}: object has no "{key}" field (keys: {sorted(item)[:10]})')
     if not isinstance(value, str):
@@ -145,6 +155,8 @@ def read_examples(path: str | os.PathLike, fields=TRIPLE_FIELDS) -> list[dict]:
         out.append(rec)
     if not out:
         raise ValueError(f"{path}: no records (the file is empty)")
+    if fields == PAIR_FIELDS and len({r["score"] for r in out}) == 1:  # the loss would be 0 at every step
+        raise ValueError(f'{path}: every "score" is {out[0]["score"]}: no two pairs to rank')
     return out
 
 

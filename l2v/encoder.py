@@ -206,14 +206,18 @@ class Encoder:
         missing = missing_template_tokens(chat_template, tokenizer) if chat_template is not None else []
         if missing:
             raise ValueError(f"chat template {chat_template!r}: tokens {missing} are not in this vocabulary")
+        if prompt is not None and not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a string with one {{text}} slot, or None, got {prompt!r}")
         prompt = check_prompt(valid_unicode(prompt, "prompt", "the template") if prompt else None, "prompt")
         for name, value in (
             ("max_length", max_length),
             ("doc_max_length", doc_max_length),
             ("row_tokens", row_tokens),
         ):
-            if type(value) is not int or value < 1:  # `type is`: a bool is not a length
+            # numpy integers are integers (as for max_batch_tokens); a bool is not a length
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        max_length, doc_max_length, row_tokens = int(max_length), int(doc_max_length), int(row_tokens)
         self.model, self.tokenizer = model, tokenizer
         self.pooling, self.max_length, self.doc_max_length = pooling, max_length, doc_max_length
         self.skip_instruction, self.chat_template, self.eos_suffix = (

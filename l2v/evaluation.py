@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ CRANFIELD_INSTRUCTION = "Given a scientific question, retrieve relevant aeronaut
 
 def number(value: str, where: str, what: str) -> float:
     try:
+        if "_" in value:  # float() reads "4_5" as 45: Python's digit separator, no data file's
+            raise ValueError
         x = float(value)
     except ValueError:
         raise ValueError(f"{where}: {what} {value!r} is not a number") from None
@@ -209,6 +212,10 @@ def read_jsonl_docs(path) -> list[tuple[str, dict]]:
     for where, row in read_records(path):
         if not isinstance(row, dict) or "_id" not in row or not isinstance(row.get("text"), str):
             raise ValueError(f"{where}: expected an object with '_id' and a string 'text'")
+        if isinstance(row["_id"], bool) or not isinstance(row["_id"], (str, int)):
+            raise ValueError(f"{where}: '_id' must be a string or an integer, got {row['_id']!r}")
+        if not isinstance(row.get("title") or "", str):
+            raise ValueError(f"{where}: 'title' must be a string or null, got {row['title']!r}")
         if str(row["_id"]) in seen:
             raise ValueError(f"{where}: _id {str(row['_id'])!r} again (first at {seen[str(row['_id'])]})")
         seen[str(row["_id"])] = where
@@ -249,7 +256,8 @@ def read_qrels_tsv(path) -> tuple[dict[str, dict[str, int]], dict]:
         try:
             rel = int(score)
         except ValueError:
-            if i == 1:  # header line, e.g. "query-id corpus-id score"
+            # a header ("query-id corpus-id score"), not a score that is no integer ("1.0")
+            if i == 1 and not re.fullmatch(r"[-+]?[\d.eE+-]+", score):
                 continue
             raise ValueError(f"{path}:{i}: score {score!r} is not an integer") from None
         qrels.setdefault(qid, {})[did] = rel

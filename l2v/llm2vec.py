@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .checkpoint import read_json, resolve_device, resolve_dtype
@@ -174,6 +175,19 @@ class LLM2Vec:
         device = device_from_map(kwargs.pop("device_map", None))
         revision = kwargs.pop("revision", None)
         check_kwargs(kwargs)
+        path = (str, os.PathLike)
+        if not isinstance(base_model_name_or_path, path):
+            raise TypeError(
+                "base_model_name_or_path must be a folder or a hub id, "
+                f"got {type(base_model_name_or_path).__name__}"
+            )
+        if peft_model_name_or_path is not None and not isinstance(peft_model_name_or_path, path):
+            raise TypeError(
+                "peft_model_name_or_path must be a folder, a hub id or None, "
+                f"got {type(peft_model_name_or_path).__name__}"
+            )
+        if not isinstance(enable_bidirectional, (bool, np.bool_)):  # "no" would be truthy: bidirectional
+            raise TypeError(f"enable_bidirectional must be True or False, got {enable_bidirectional!r}")
         given = base_model_name_or_path
         if revision is not None and is_hub_id(given) and "@" not in str(given):
             given = f"{given}@{revision}"
@@ -226,8 +240,16 @@ class LLM2Vec:
         tokens per forward pass; the embeddings do not depend on it."""
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if isinstance(sentences, np.ndarray):  # of strings, or of [instruction, text] rows
+            sentences = sentences.tolist()
         if isinstance(sentences, str):
             sentences = [sentences]
+        if sentences is None or isinstance(sentences, (bytes, dict)) or not hasattr(sentences, "__iter__"):
+            raise TypeError(
+                "sentences: expected a list of strings and/or [instruction, text] pairs, "
+                f"got {type(sentences).__name__}"
+            )
+        sentences = list(sentences)
         if sentences and isinstance(sentences[0], str) and isinstance(sentences[-1], int):
             sentences = [sentences]  # upstream's MEDI form: one [instruction, text, id]
         # upstream read an item by its first two elements

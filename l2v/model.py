@@ -48,6 +48,9 @@ class ModelConfig:
     rope_scaling: dict | None = None  # {"rope_type": "llama3", "factor": 8.0, ...} or None
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
+    # False: an untied base model saved without its LM head (Qwen3-Embedding's Qwen3Model); encoding needs
+    # none, MNTP is refused
+    has_lm_head: bool = True
     qkv_bias: bool = False  # Qwen2 has biases on q/k/v only
     o_bias: bool = False  # Llama's `attention_bias` puts a bias on o_proj too
     mlp_bias: bool = False
@@ -270,7 +273,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_offset)
         # Tied checkpoints (SmolLM2, Gemma, small Qwen2/3, Llama 3.2 1B/3B) reuse the embedding as LM head.
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        untied = not cfg.tie_word_embeddings and cfg.has_lm_head
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False) if untied else None
         # Built explicitly on the CPU so they exist even when the model is built on `meta`.
         self.register_buffer(
             "inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), persistent=False
@@ -317,4 +321,6 @@ class Transformer(nn.Module):
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
+        if not self.config.has_lm_head:
+            raise ValueError("the model has no LM head (an untied base model saved without lm_head.weight)")
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

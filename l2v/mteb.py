@@ -17,6 +17,7 @@ mteb is an optional dependency, imported when an `MTEBModel` is built or a task 
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -97,12 +98,25 @@ class MTEBModel:
         require_mteb()
         from mteb.models.model_meta import ModelMeta, ScoringFunction
 
+        # Checked before a model loads: each would otherwise fail only at the first task's encode.
+        if instructions is not None and not (
+            isinstance(instructions, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in instructions.items())
+        ):
+            raise TypeError(f"instructions must be a dict of task name -> instruction, got {instructions!r}")
+        integral = isinstance(max_batch_tokens, (int, np.integer)) and not isinstance(max_batch_tokens, bool)
+        if max_batch_tokens is not None and not (integral and max_batch_tokens >= 1):
+            raise ValueError(f"max_batch_tokens must be a positive integer or None, got {max_batch_tokens!r}")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a string (org/name) or None, got {name!r}")
         if isinstance(model, Encoder):
             if adapters or kwargs:
                 raise ValueError("MTEBModel(encoder): adapters and settings go to Encoder.from_pretrained")
             self.encoder = model
         else:
-            adapters = [adapters] if isinstance(adapters, str) else list(adapters)
+            # one folder, or a list of them; anything else goes on to Encoder's check, which names it
+            adapters = [adapters] if isinstance(adapters, (str, os.PathLike)) else adapters
+            adapters = list(adapters) if isinstance(adapters, (list, tuple)) else adapters
             self.encoder = Encoder.from_pretrained(model, adapters=adapters, **kwargs)
         self.instructions = {**TASK_INSTRUCTIONS, **(instructions or {})}
         self.max_batch_tokens = max_batch_tokens

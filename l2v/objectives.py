@@ -107,6 +107,7 @@ class Objective:
 
     defaults: dict = {}  # over train.py's defaults; a --config file and flags override them
     group_field: str | None = None  # examples with equal values of this field form each global batch
+    needs_lm_head: bool = False  # predicts tokens: a base model saved without its LM head cannot train
 
     def __init__(self, cfg: dict, tokenizer):
         self.cfg, self.tokenizer = cfg, tokenizer
@@ -188,6 +189,7 @@ class MNTP(Objective):
     """Masked next-token prediction on blocks of `max_seq_length` tokens of running text."""
 
     defaults = dict(lr=5e-5, max_seq_length=512, batch_size=32)
+    needs_lm_head = True
 
     def __init__(self, cfg, tokenizer):
         super().__init__(cfg, tokenizer)

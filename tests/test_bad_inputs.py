@@ -181,6 +181,15 @@ FILES = {  # name in {d}: content (str: UTF-8; bytes as is; None: a folder)
     "cfg-utf16.json": '{"lr": 0.001}'.encode("utf-16"),
     "cfg-utf32.json": '{"lr": 0.001}'.encode("utf-32"),
     "cfg-dup-key.json": '{"lr": 0.5, "lr": 0.001}',
+    "cfg-objective-null.json": '{"objective": null}',
+    # valid UTF-8 with a NUL every second byte
+    "utf16le-no-bom.txt": "A cat sits.\nA dog runs.\n".encode("utf-16-le"),
+    "nul.txt": b"A cat sits.\nA dog\x00 runs.\n",
+    "text-null.jsonl": '{"text": "a cat"}\n{"text": null}\n',
+    "inst-null.jsonl": '{"text": "A cat.", "instruction": null}\n{"text": "A dog."}\n',
+    "pairs-one-score.jsonl": jsonl(
+        {"sentence1": f"a {i}", "sentence2": f"b {i}", "score": 2} for i in range(8)
+    ),
 }
 
 
@@ -310,6 +319,19 @@ MODELS = {  # name in {m}: edit of a copy of the tiny model (weights symlinked u
         (m / "config.json").read_text().replace('"llama"', '"llama", "name": "caf\xe9"').encode("latin-1")
     ),
     "config-deep": write("config.json", DEEP),
+    # an untied base model saved alone (Qwen3-Embedding-8B): no lm_head.weight
+    "untied-no-lm-head": set_json("config.json", tie_word_embeddings=False),
+    "vocab-huge": set_json("config.json", vocab_size=10**20),  # torch's error: a C++ stack dump
+    "index-and-single": lambda m: (  # a stale index beside model.safetensors (or the other way round)
+        shutil.copy(m / "model.safetensors", m / "model-00001-of-00001.safetensors"),
+        (m / "model.safetensors.index.json").write_text(
+            json.dumps({"weight_map": {"model.norm.weight": "model-00001-of-00001.safetensors"}})
+        ),
+    ),
+    # older Llama checkpoints saved RoPE's frequencies; transformers ignores them
+    "rotary-inv-freq": edit_tensors(
+        lambda t: {**t, "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)}
+    ),
     "index-bad-value": lambda m: (
         (m / "model.safetensors").unlink(),
         (m / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"model.norm.weight": 5}})),
@@ -393,6 +415,13 @@ EVALDATA = {  # name in {ev}: an evaluation folder, as built or edited
     "corpus-all-empty": evaldata(write(f"{BEIR}/corpus.jsonl", jsonl({**c, "text": " "} for c in CORPUS))),
     "queries-missing": evaldata(lambda e: (e / BEIR / "queries.jsonl").unlink()),
     "query-blank": evaldata(write(f"{BEIR}/queries.jsonl", jsonl(QUERIES + [{"_id": "q5", "text": " "}]))),
+    "sts-nul": evaldata(write(STSB, sts_text(STS_ROWS).replace("guitar.", "guitar\x00."))),
+    "sts-gold-underscore": evaldata(write(STSB, sts_text(STS_ROWS[:3] + [("4_5", "A cat.", "A dog.")]))),
+    "corpus-title-number": evaldata(
+        write(f"{BEIR}/corpus.jsonl", jsonl(CORPUS + [{"_id": "d9", "title": 5, "text": "x"}]))
+    ),
+    "corpus-id-null": evaldata(write(f"{BEIR}/corpus.jsonl", jsonl(CORPUS + [{"_id": None, "text": "x"}]))),
+    "qrels-one-float-score": evaldata(write(f"{BEIR}/qrels/test.tsv", "q0\td0\t1.0\n")),
 }
 
 
@@ -665,6 +694,11 @@ def merged_folder(ctx, result, out):
     assert (m / "model.safetensors").is_file() and (m / "tokenizer.json").is_file(), "no merged folder"
 
 
+def merged_through_link(ctx, result, out):
+    assert (ctx.tmp / "link").is_symlink(), "the link was replaced"
+    assert (ctx.tmp / "empty" / "model.safetensors").is_file(), "the folder it points to was not filled"
+
+
 def user_files_kept(ctx, result, out):
     run = ctx.tmp / "run"
     assert (run / "notes.txt").read_text() == "mine" and not (run / "checkpoint-000004").exists()
@@ -689,12 +723,34 @@ def api_encode(*args, **kw):
 
 def api_load(model="{tiny}", **kw):
     def load(ctx):
-        from l2v.encoder import Encoder
+        from l2v import Encoder
 
         fill = lambda v: [ctx.fill(x) for x in v] if isinstance(v, list) else ctx.fill(v)  # noqa: E731
         return Encoder.from_pretrained(fill(model), **{k: fill(v) for k, v in kw.items()})
 
     return load
+
+
+def api_llm2vec(*sentences, model="{tiny}", **kw):
+    """LLM2Vec.from_pretrained(model, **kw), then .encode(sentences[0]) if given."""
+
+    def call(ctx):
+        from l2v import LLM2Vec
+
+        m = LLM2Vec.from_pretrained(ctx.fill(model), **kw)
+        return m.encode(sentences[0], show_progress_bar=False) if sentences else m
+
+    return call
+
+
+def api_mteb(**kw):
+    def call(ctx):
+        pytest.importorskip("mteb")
+        from l2v.mteb import MTEBModel
+
+        return MTEBModel(ctx.fill("{tiny}"), autocast="none", **kw)
+
+    return call
 
 
 def shape(rows):
@@ -960,6 +1016,43 @@ CASES = [
         protect=("{tmp}/res.json",),
         setup=chain(in_tmp("res.json", '{"earlier": 1}'), full_disk("write_text", ".res.json.tmp")),
     ),
+    Case(  # a model's config.json is a .json file too
+        "eval/out-is-a-model-file",
+        "loss",
+        "eval",
+        V("--model", "{tmp}/model", "--out", "{tmp}/model/config.json"),
+        "error",
+        ("--out", "config.json", "--model"),
+        setup=lambda ctx: shutil.copytree(ctx.fill("{tiny}"), ctx.tmp / "model"),
+        protect=("{tmp}/model",),
+    ),
+    Case(
+        "eval/out-is-an-adapter-file",
+        "loss",
+        "eval",
+        V("--adapter", "{tmp}/adapter", "--out", "{tmp}/adapter/adapter_config.json"),
+        "error",
+        ("--out", "adapter_config.json", "--adapter"),
+        setup=lambda ctx: shutil.copytree(ctx.fill("{a}/good"), ctx.tmp / "adapter"),
+        protect=("{tmp}/adapter",),
+    ),
+    Case(  # "" is Path("."): the current folder
+        "train/output-dir-empty-string",
+        "loss",
+        "train",
+        T(""),
+        "error",
+        ("--output_dir", "required"),
+    ),
+    Case(
+        "train/merge-out-link-to-empty-folder-ok",
+        "loss",
+        "train",
+        T() + ["--merge_out", "{tmp}/link"],
+        "ok",
+        setup=lambda ctx: ((ctx.tmp / "empty").mkdir(), (ctx.tmp / "link").symlink_to(ctx.tmp / "empty")),
+        check=merged_through_link,
+    ),
     # ================================================================ 2 numbers, types, choices
     *[
         Case(f"train/{flag.strip('-')}-{raw}", "values", "train", T() + [flag, raw], "error", (flag,) + w)
@@ -983,6 +1076,8 @@ CASES = [
             ("--grad_clip", "inf", ("finite",)),
             ("--weight_decay", "nan", ("finite",)),
             ("--seed", "-1", (">=0",)),
+            ("--seed", str(2**64), ("2**32",)),  # torch's generators overflow: not one line naming --seed
+            ("--lr", "1_0", ("cannot read",)),  # float("1_0") is 10
             ("--lora_r", "0", ()),
             ("--lora_r", "2.5", ()),
             ("--mask_probability", "1.5", ()),
@@ -1096,6 +1191,14 @@ CASES = [
         T()[2:] + ["--config", "{d}/objective-list.json"],
         "error",
         ("objective-list.json", "objective"),
+    ),
+    Case(
+        "train/config-objective-null",
+        "values",
+        "train",
+        T()[2:] + ["--config", "{d}/cfg-objective-null.json"],
+        "error",
+        ("cfg-objective-null.json", "objective", "None"),
     ),
     *[
         Case(
@@ -1326,8 +1429,40 @@ CASES = [
             "ok",
             check=same_as_good,
         )
-        for name in ("config-utf16", "config-utf8-bom", "tokenizer-utf8-bom")
+        for name in ("config-utf16", "config-utf8-bom", "tokenizer-utf8-bom", "untied-no-lm-head")
     ],
+    Case(
+        "encode/model-vocab-huge",
+        "model",
+        "encode",
+        E("--text", "A cat.", model="{m}/vocab-huge"),
+        "error",
+        ("config.json", "vocab_size", "2**31"),
+    ),
+    Case(
+        "encode/model-index-and-single",
+        "model",
+        "encode",
+        E("--text", "A cat.", model="{m}/index-and-single"),
+        "error",
+        ("index-and-single", "model.safetensors.index.json", "stale"),
+    ),
+    Case(
+        "encode/model-rotary-inv-freq-ok",
+        "model",
+        "encode",
+        E("--text", "A cat.", "--text", "A dog.", "--out", "{tmp}/emb.npy", model="{m}/rotary-inv-freq"),
+        "ok",
+        check=same_as_good,
+    ),
+    Case(
+        "train/model-untied-no-lm-head-mntp",
+        "model",
+        "train",
+        T() + ["--model", "{m}/untied-no-lm-head"],
+        "error",
+        ("--model", "untied-no-lm-head", "lm_head.weight", "mntp"),
+    ),
     # ================================================================ 3 adapter folders
     *[
         Case(f"{cli}/adapter-{name}", "adapter", cli, args, "error", words)
@@ -1508,8 +1643,19 @@ CASES = [
             ("deep.jsonl", (":2", "nested")),
             ("nan-text.jsonl", (":1", "text")),
             ("x.csv", ("--file",)),
+            ("utf16le-no-bom.txt", (":1", "NUL", "UTF-16")),
+            ("nul.txt", (":2", "NUL")),
+            ("text-null.jsonl", (":2", '"text" is null')),
         ]
     ],
+    Case(  # null for an optional field is as if it were left out
+        "encode/file-inst-null-jsonl-ok",
+        "text",
+        "encode",
+        E("--file", "{d}/inst-null.jsonl", "--out", "{tmp}/emb.npy"),
+        "ok",
+        check=same_as_good,
+    ),
     Case(
         "encode/file-line-over-limit",
         "text",
@@ -1587,6 +1733,8 @@ CASES = [
             ("cosent", "pairs-bad-score.jsonl", (":9", "score", "'high'")),
             ("cosent", "pairs.txt", (":1", "sentence1")),
             ("cosent", "pairs-bool-score.jsonl", (":1", "score")),
+            ("cosent", "pairs-one-score.jsonl", ("score", "2", "no two pairs")),
+            ("mntp", "nul.txt", (":2", "NUL")),
         ]
     ],
     Case(
@@ -1735,6 +1883,11 @@ CASES = [
             ("corpus-all-empty", "msmarco-subset", ("corpus.jsonl", "text")),
             ("queries-missing", "msmarco-subset", ("queries.jsonl", "not found")),
             ("query-blank", "msmarco-subset", ("queries.jsonl:4", "empty")),
+            ("sts-nul", "stsb-dev", ("sts-dev.csv:1", "NUL")),
+            ("sts-gold-underscore", "stsb-dev", ("sts-dev.csv:4", "'4_5'")),
+            ("corpus-title-number", "msmarco-subset", ("corpus.jsonl:7", "title")),
+            ("corpus-id-null", "msmarco-subset", ("corpus.jsonl:7", "_id")),
+            ("qrels-one-float-score", "msmarco-subset", ("test.tsv:1", "'1.0'")),
         ]
     ],
     # ================================================================ 6 resume
@@ -1992,6 +2145,45 @@ CASES = [
             ("adapters-number", dict(adapters=5), ("adapters",)),
             ("adapters-bytes-in-list", dict(adapters=[b"x"]), ("adapters",)),
             ("prompt-no-slot", dict(prompt="no slot"), ("prompt", "{text}")),
+            ("dtype-torch-float64", dict(dtype=torch.float64), ("dtype", "float64")),
+            ("dtype-torch-int8", dict(dtype=torch.int8), ("dtype", "int8")),
+            ("prompt-number", dict(prompt=3), ("prompt",)),
+        ]
+    ],
+    Case(  # numpy integers are integers, as for max_batch_tokens
+        "api/load-max-length-numpy-ok",
+        "api",
+        "api",
+        lambda ctx: api_load(max_length=np.int64(16), autocast="none")(ctx).encode(["A cat."]),
+        "ok",
+        check=shape(1),
+    ),
+    *[
+        Case(f"api/llm2vec-{name}", "api", "api", call, "error", words)
+        for name, call, words in [
+            ("encode-none", api_llm2vec(None), ("sentences", "NoneType")),
+            ("encode-number", api_llm2vec(5), ("sentences", "int")),
+            ("load-none", api_llm2vec(model=None), ("base_model_name_or_path",)),
+            ("load-adapter-number", api_llm2vec(peft_model_name_or_path=3), ("peft_model_name_or_path",)),
+            # "no" is truthy: it would load bidirectional
+            ("load-bidirectional-string", api_llm2vec(enable_bidirectional="no"), ("enable_bidirectional",)),
+        ]
+    ],
+    Case(
+        "api/llm2vec-encode-numpy-ok",
+        "api",
+        "api",
+        api_llm2vec(np.array(["A cat.", "A dog."])),
+        "ok",
+        check=lambda ctx, result, out: shape(2)(ctx, result.numpy(), out),
+    ),
+    *[
+        Case(f"api/mteb-{name}", "api", "api", api_mteb(**kw), "error", words)
+        for name, kw, words in [
+            ("adapters-none", dict(adapters=None), ("adapters", "None")),
+            ("instructions-list", dict(instructions=["STS12"]), ("instructions",)),
+            ("max-batch-tokens-0", dict(max_batch_tokens=0), ("max_batch_tokens",)),
+            ("name-number", dict(name=5), ("name",)),
         ]
     ],
     Case("api/string-ok", "api", "api", api_encode("A cat sits."), "ok", check=shape(1)),

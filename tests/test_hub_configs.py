@@ -176,21 +176,46 @@ HUB = {
     ),
 }
 HUB["gemma-1.1-7b"] = {**HUB["gemma-7b"], "hidden_activation": "gelu_pytorch_tanh"}  # updated files: both
+# Qwen3-Embedding-8B: Qwen3-8B's file with a window size beside use_sliding_window false, weights saved from
+# the bare Qwen3Model (no `model.` prefix) in shards: untied, so no LM head at all; 0.6B: the same, tied
+HUB["qwen3-embedding-8b"] = {
+    **HUB["qwen3-8b"],
+    "max_window_layers": 1,
+    "sliding_window": 4,
+    "transformers_version": "4.51.3",
+}
+HUB["qwen3-embedding-0.6b"] = {**HUB["qwen3-embedding-8b"], "tie_word_embeddings": True}
+# The class the weights were saved from and the shard size, where not architectures[0] and one file
+SAVED_AS = {"qwen3-embedding-8b": ("Qwen3Model", "20KB"), "qwen3-embedding-0.6b": ("Qwen3Model", None)}
+# Files holding RoPE in both transformers 4's flat keys and 5's rope_parameters, values differing: each is
+# read as transformers 5 reads it (a dict's own rope_theta first; rope_scaling merged into the global dict)
+HUB["rope-both-qwen3"] = {**HUB["qwen3-8b"], "rope_parameters": {"rope_type": "default", "rope_theta": 5e3}}
+HUB["rope-both-gemma3"] = {
+    **HUB["gemma-3-270m"],
+    "rope_parameters": {
+        "full_attention": {"rope_type": "default", "rope_theta": 5e5},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 500.0},
+    },
+    "rope_scaling": {"rope_type": "linear", "factor": 4.0},
+}
+UNTIED = ("qwen3-8b", "qwen3-embedding-8b", "rope-both-qwen3")
 
 
-def hub_folder(tmp_path, hub: dict):
+def hub_folder(tmp_path, hub: dict, saved_as=None, shard_size=None):
     """`hub` as config.json beside random weights that transformers writes for the model it describes."""
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(hub))
     cfg = transformers.AutoConfig.from_pretrained(folder)
     torch.manual_seed(0)
-    model = getattr(transformers, hub["architectures"][0])(cfg)
+    model = getattr(transformers, saved_as or hub["architectures"][0])(cfg)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n.endswith("norm.weight"):
                 p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, max_shard_size=shard_size or "10GB")
+    if shard_size:
+        assert (folder / "model.safetensors.index.json").is_file()
     (folder / "config.json").write_text(json.dumps(hub))  # as the hub has it, not as transformers 5 writes it
     return folder
 
@@ -198,25 +223,33 @@ def hub_folder(tmp_path, hub: dict):
 @pytest.mark.parametrize("name", list(HUB))
 def test_hub_config_reads_as_transformers_reads_it(tmp_path, name):
     hub = HUB[name]
-    folder = hub_folder(tmp_path, hub)
-    arch = hub["architectures"][0]
+    saved_as, shard_size = SAVED_AS.get(name, (None, None))
+    folder = hub_folder(tmp_path, hub, saved_as, shard_size)
+    arch = saved_as or hub["architectures"][0]
     ref_model = (
         getattr(transformers, arch)
         .from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
         .eval()
     )
-    if arch != "Gemma3TextModel":  # the text model inside: *ForCausalLM's, or the multimodal one's
+    if not arch.endswith("Model"):  # the text model inside: *ForCausalLM's, or the multimodal one's
         ref_model = ref_model.model
     if arch == "Gemma3ForConditionalGeneration":
         ref_model = ref_model.language_model
     ours = load_model(folder)  # bidirectional by default where the file says so, as transformers
     cfg = ours.config
     assert cfg.is_causal == (name != "embeddinggemma-300m")
-    assert cfg.tie_word_embeddings == (name != "qwen3-8b")
-    assert cfg.act == ("silu" if name.startswith("qwen") else "gelu_pytorch_tanh")
+    assert cfg.tie_word_embeddings == (name not in UNTIED)
+    headless = saved_as is not None and not cfg.tie_word_embeddings  # encodes; MNTP is refused
+    assert cfg.has_lm_head != headless and (ours.lm_head is None) == (cfg.tie_word_embeddings or headless)
+    if headless:
+        with pytest.raises(ValueError, match="no LM head"):
+            _ = ours.lm_head_weight
+    assert cfg.act == ("silu" if cfg.model_type == "qwen3" else "gelu_pytorch_tanh")
     if name.startswith("gemma-3"):
         assert cfg.local_rope_theta == 10000.0 and cfg.rope_theta == 1e6
         assert "full_attention" in cfg.layer_types and "sliding_attention" in cfg.layer_types
+    if name == "rope-both-gemma3":
+        assert (cfg.rope_theta, cfg.local_rope_theta, cfg.rope_scaling["factor"]) == (5e5, 500.0, 4.0)
     ids = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         diff = (ours(ids) - ref_model(ids).last_hidden_state).abs().max().item()

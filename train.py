@@ -83,10 +83,7 @@ def check_run(cfg: TrainConfig) -> Run:
     meta = meta_model(model_cfg)  # shapes are checked on a model that holds no weights
     check_weights(cfg.model, meta)
     if objective.needs_lm_head and not model_cfg.has_lm_head:
-        raise UserError(
-            f"--model {cfg.model}: its weights hold no lm_head.weight (an untied base model saved alone); "
-            f"--objective {cfg.objective} predicts tokens with the LM head"
-        )
+        raise UserError(f"--model {cfg.model}: no lm_head.weight, which --objective {cfg.objective} needs")
     for folder in cfg.init_adapter:
         read_adapter(folder, meta)
     try:

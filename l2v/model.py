@@ -48,9 +48,7 @@ class ModelConfig:
     rope_scaling: dict | None = None  # {"rope_type": "llama3", "factor": 8.0, ...} or None
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
-    # False: an untied base model saved without its LM head (Qwen3-Embedding's Qwen3Model); encoding needs
-    # none, MNTP is refused
-    has_lm_head: bool = True
+    has_lm_head: bool = True  # False: a base model saved without one (Qwen3-Embedding); MNTP refuses it
     qkv_bias: bool = False  # Qwen2 has biases on q/k/v only
     o_bias: bool = False  # Llama's `attention_bias` puts a bias on o_proj too
     mlp_bias: bool = False

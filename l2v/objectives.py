@@ -246,10 +246,11 @@ class Contrastive(Objective):
     embeddings (`targets`), and the loss (`view_loss`).
 
     With several micro-batches per step, `contrastive_batch: global` (the default) caches gradients
-    (Gao et al. 2021, GradCache): every micro-batch is embedded without keeping activations, the loss runs
-    over the whole global batch, and each micro-batch runs again with gradients, its embeddings receiving
-    the loss's gradient. Every example then has the whole global batch as negatives at micro-batch memory,
-    for one extra forward. `micro` keeps each micro-batch its own contrastive problem (upstream's)."""
+    (Gao et al. 2021, GradCache): every micro-batch but the last is embedded without keeping activations,
+    the last with them, the loss runs over the whole global batch, and the others run again with gradients,
+    their embeddings receiving the loss's gradient. Every example then has the whole global batch as
+    negatives at micro-batch memory, for one extra forward per micro-batch but one. `micro` keeps each
+    micro-batch its own contrastive problem (upstream's)."""
 
     views = 2
 
@@ -320,22 +321,28 @@ class Contrastive(Objective):
             return super().backward(forward, micro)
         device, states, parts = self.device, [], []
         with torch.no_grad(), self.amp():  # 1. embeddings only; each micro-batch's RNG state kept for 3.
-            for m in micro:
+            for m in micro[:-1]:
                 states.append(rng_state(device))
-                parts.append(self.encoder.embed(m.inputs[0], forward).chunk(self.views))
-        # 2. The loss over the global batch, and its gradient with respect to every embedding.
-        views = [torch.cat([p[j] for p in parts]).requires_grad_() for j in range(self.views)]
-        targets = None if micro[0].inputs[1] is None else torch.cat([m.inputs[1] for m in micro])
-        loss = self.gathered_loss(views, targets, gather=True)
-        loss.backward()
-        grads = [v.grad.split([len(p[0]) for p in parts]) for v in views]
-        # 3. Each micro-batch again, with gradients and the same dropout masks, fed its embeddings' gradient.
-        for i, m in enumerate(micro):
+                emb = self.encoder.embed(m.inputs[0], forward)
+                parts.append([v.detach().requires_grad_() for v in emb.chunk(self.views)])
+        # The last keeps its graph: it runs once (a frozen model's backward costs about one forward).
+        with sync_unless(forward, last=False):
+            with self.amp():
+                last = self.encoder.embed(micro[-1].inputs[0], forward).chunk(self.views)
+            after = rng_state(device)
+            # 2. The loss over the global batch; its backward gives every cached embedding its gradient.
+            views = [torch.cat([*(p[j] for p in parts), last[j]]) for j in range(self.views)]
+            targets = None if micro[0].inputs[1] is None else torch.cat([m.inputs[1] for m in micro])
+            loss = self.gathered_loss(views, targets, gather=True)
+            loss.backward()
+        # 3. The other micro-batches again, with gradients and the same dropout masks, fed their gradient.
+        for i, m in enumerate(micro[:-1]):
             set_rng_state(states[i], device)
-            with sync_unless(forward, last=i == len(micro) - 1):
+            with sync_unless(forward, last=i == len(micro) - 2):
                 with self.amp():
                     emb = self.encoder.embed(m.inputs[0], forward)
-                emb.backward(torch.cat([g[i] for g in grads]))
+                emb.backward(torch.cat([v.grad for v in parts[i]]))
+        set_rng_state(after, device)  # the stream as if every micro-batch had run once, in order
         return loss.detach()
 
 

@@ -69,7 +69,8 @@ def test_cached_step_equals_the_full_batch_step(objective, tok, text_files):
 
 def test_both_passes_draw_the_same_dropout_masks(tok, text_files, monkeypatch):
     """Every micro-batch's embeddings in the no-grad pass equal those of its gradient pass, bit for bit,
-    with attention and LoRA dropout on; without the RNG replay they would not."""
+    with attention and LoRA dropout on; without the RNG replay they would not. The last micro-batch runs
+    once (its graph is kept), and the step leaves the RNG where one pass over the micro-batches would."""
     import l2v.objectives
 
     def embeddings(replay=True):
@@ -82,10 +83,19 @@ def test_both_passes_draw_the_same_dropout_masks(tok, text_files, monkeypatch):
         torch.manual_seed(0)
         obj.backward(model, mbs)
         monkeypatch.undo()
+        assert len(seen) == 4 + 3
         return seen[:4], seen[4:]
 
     first, again = embeddings()
     assert all(torch.equal(a, b) for a, b in zip(first, again))
+    after_step = torch.rand(3)
+    # one pass over the four micro-batches from the same seed, gradients off: where the RNG must end
+    model, obj, mbs = setup("simcse", tok, text_files, 4, dropout=0.3)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for m in mbs:
+            obj.encoder.embed(m.inputs[0], model)
+    assert torch.equal(after_step, torch.rand(3))
     first, again = embeddings(replay=False)
     assert not any(torch.equal(a, b) for a, b in zip(first, again))
 
